@@ -1,0 +1,1 @@
+"""Data: corpus readers, cleaning and normalization, phantom radiographs, datasets."""
