@@ -1,0 +1,1 @@
+"""Evaluation: report-quality metrics (`echocxr.eval.metrics`) and bootstrap confidence intervals."""

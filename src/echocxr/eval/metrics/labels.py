@@ -1,0 +1,132 @@
+"""Clinical label F1 from the project's rule-based labeler (`echocxr.data.labeler.label_report`).
+
+An observation counts as present in a report when the labeler marks it positive (variant
+`_upos`: positive or uncertain); negative, uncertain and unmentioned count as absent. Micro F1
+pools true/false positives over all observations and studies; macro F1 averages per-observation
+F1 over the observations that occur at all (in a reference or a prediction), since F1 is
+undefined for one that occurs nowhere. Scopes: all observations (CheXpert-14 + extras) and
+CheXpert-14 only.
+
+`phantom_f1` scores generated reports against the findings each phantom radiograph was
+rendered with (its positive entries), which is exact ground truth for what the image shows.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import numpy as np
+
+from echocxr.data.observations import CHEXPERT14, OBSERVATIONS, Finding
+from echocxr.errors import UserError
+from echocxr.eval.metrics import MetricResult
+
+_C14 = np.array([o in CHEXPERT14 for o in OBSERVATIONS])
+
+
+@functools.lru_cache(maxsize=65536)
+def _labels(text: str) -> tuple[tuple[str, str], ...]:
+    # Reference reports are labeled once per process although several metrics read them.
+    from echocxr.data.labeler import label_report
+
+    return tuple(sorted((obs, f.status) for obs, f in label_report(text).items()))
+
+
+def present(labels: Sequence[tuple[str, str]], uncertain_positive: bool = False) -> np.ndarray:
+    """[K] bool over OBSERVATIONS: which observations the labels state as present."""
+    yes = {"positive", "uncertain"} if uncertain_positive else {"positive"}
+    found = {obs for obs, status in labels if status in yes}
+    return np.array([o in found for o in OBSERVATIONS])
+
+
+def confusion(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """[N, K] bool predictions and truths -> [N, K, 3] counts (tp, fp, fn)."""
+    return np.stack([pred & true, pred & ~true, ~pred & true], axis=-1).astype(np.int64)
+
+
+def f1_scores(counts: np.ndarray, scope: np.ndarray | None = None) -> tuple[float, float, dict[str, float]]:
+    """Summed [K, 3] counts -> (micro F1, macro F1, per-observation F1 of the observations that occur)."""
+    keep = np.ones(len(OBSERVATIONS), bool) if scope is None else scope
+    c = counts[keep]
+    tp, fp, fn = c.sum(axis=0)
+    micro = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    per = {}
+    for obs, (t, p, n) in zip(np.array(OBSERVATIONS)[keep], c):
+        if t + p + n:
+            per[str(obs)] = 2 * t / (2 * t + p + n)
+    macro = float(np.mean(list(per.values()))) if per else 0.0
+    return float(micro), macro, {k: float(v) for k, v in per.items()}
+
+
+def _sample_f1(counts: np.ndarray) -> list[dict[str, float]]:
+    out = []
+    for tp, fp, fn in counts.sum(axis=1):
+        # A report that states nothing present, for a study with nothing present, is right.
+        f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+        out.append({"sample_f1": float(f1), "tp": float(tp), "fp": float(fp), "fn": float(fn)})
+    return out
+
+
+def _result(prefix: str, counts: np.ndarray, per_observation: bool, note: str) -> MetricResult:
+    def aggregate(c: np.ndarray) -> dict[str, float]:
+        total = c.sum(axis=0)  # [K, 3]
+        micro, macro, per = f1_scores(total)
+        micro14, macro14, _ = f1_scores(total, _C14)
+        out = {
+            f"{prefix}_micro": micro,
+            f"{prefix}_macro": macro,
+            f"{prefix}_micro_chexpert14": micro14,
+            f"{prefix}_macro_chexpert14": macro14,
+        }
+        if per_observation:
+            out.update({f"{prefix}/{obs}": v for obs, v in per.items()})
+        return out
+
+    per_sample = [{f"{prefix}_{k}": v for k, v in d.items()} for d in _sample_f1(counts)]
+    # Observations absent from a resample drop out of its per-observation F1; report only the
+    # keys of the full set and let a missing one count as undefined (nan) in that resample.
+    full = aggregate(counts)
+    return MetricResult(
+        full,
+        per_sample,
+        note,
+        lambda idx: {k: aggregate(counts[idx]).get(k, float("nan")) for k in full},
+    )
+
+
+def _label_f1(hyps: list[str], refs: list[str], uncertain_positive: bool, prefix: str) -> MetricResult:
+    pred = np.stack([present(_labels(h), uncertain_positive) for h in hyps])
+    true = np.stack([present(_labels(r), uncertain_positive) for r in refs])
+    rule = "positive or uncertain" if uncertain_positive else "positive (uncertain counts as absent)"
+    return _result(prefix, confusion(pred, true), False, f"labels: echocxr.data.labeler, present = {rule}")
+
+
+def label_f1(hyps: list[str], refs: list[str]) -> MetricResult:
+    return _label_f1(hyps, refs, False, "label_f1")
+
+
+def label_f1_upos(hyps: list[str], refs: list[str]) -> MetricResult:
+    return _label_f1(hyps, refs, True, "label_f1_upos")
+
+
+def phantom_f1(hyps: list[str], refs: list[str], *, truth: Sequence) -> MetricResult:
+    """Generated reports' positive labels vs the positive findings each phantom was rendered with."""
+    pred = np.stack([present(_labels(h)) for h in hyps])
+    true = np.stack([present(_truth_labels(t, i)) for i, t in enumerate(truth)])
+    note = "truth: positive findings the phantoms were rendered with; labels: echocxr.data.labeler"
+    return _result("phantom_f1", confusion(pred, true), True, note)
+
+
+def _truth_labels(findings, index: int) -> list[tuple[str, str]]:
+    """Findings (observation -> Finding) or their JSON form (observation -> dict) as (obs, status)."""
+    if not isinstance(findings, dict):
+        raise UserError(f"truth {index}: expected findings (a dict), got {type(findings).__name__}")
+    out = []
+    for obs, f in findings.items():
+        try:
+            f = f if isinstance(f, Finding) else Finding.from_dict({"observation": obs, **f})
+        except (TypeError, ValueError) as e:
+            raise UserError(f"truth {index}: bad finding {obs!r} ({e})") from None
+        out.append((f.observation, f.status))
+    return out
