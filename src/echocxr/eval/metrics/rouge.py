@@ -23,6 +23,6 @@ def rouge_l(hyps: list[str], refs: list[str], *, language: str = "en") -> Metric
         scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
         note = "rouge-score default tokenizer, Porter stemmer"
     # rouge-score's argument order is (target, prediction).
-    scores = [scorer.score(r, h)["rougeL"].fmeasure for h, r in zip(hyps, refs)]
+    scores = [float(scorer.score(r, h)["rougeL"].fmeasure) for h, r in zip(hyps, refs)]
     mean = sum(scores) / len(scores) if scores else 0.0
     return MetricResult({"rougeL_rouge_score": mean}, [{"rougeL_rouge_score": s} for s in scores], note)
