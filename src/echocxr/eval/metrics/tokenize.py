@@ -102,7 +102,14 @@ def coco_tokenize(texts: list[str], language: str, tokenizer: str = "auto") -> t
     if language == "zh":
         return [zh_char_tokenize(t) for t in texts], "tokens: Chinese characters"
     if tokenizer == "auto":
-        tokenizer = "ptb" if java_available() else "simple"
+        if not java_available():
+            return [simple_tokenize(t) for t in texts], "tokens: simple Python approximation of PTB (no java)"
+        try:
+            return list(ptb_tokenize(tuple(texts))), "tokens: PTBTokenizer (Stanford CoreNLP 3.4.1, Java)"
+        except (OSError, RuntimeError) as e:
+            # e.g. a read-only site-packages: pycocoevalcap writes its temp file beside the jar
+            note = f"tokens: simple Python approximation of PTB (PTBTokenizer failed: {e})"
+            return [simple_tokenize(t) for t in texts], note
     if tokenizer == "ptb":
         return list(ptb_tokenize(tuple(texts))), "tokens: PTBTokenizer (Stanford CoreNLP 3.4.1, Java)"
     if tokenizer == "simple":
