@@ -1,0 +1,1 @@
+"""Benchmarks: decode speed, RAD vs symmetric FLOPs, phantom learnability (each prints JSON)."""
