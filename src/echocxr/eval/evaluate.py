@@ -1,0 +1,681 @@
+"""`echocxr eval`: decode the held-out studies with one decoder and score the reports.
+
+    records (eval_en/zh.jsonl or corpus.jsonl --split test) -> images (phantom or real)
+    -> generate (ar | block | onestep) -> samples.jsonl -> metrics (+ bootstrap CIs)
+    -> aggregate.json / aggregate.md
+
+Outputs in --out:
+- `settings.json`: what produced the samples (checkpoint, corpus, decoder settings). A rerun with
+  the same settings resumes: studies already in `samples.jsonl` are not decoded again.
+- `samples.jsonl`: one line per study: record id, language, hypothesis, reference, image source,
+  phantom truth (the findings the phantom was rendered with), decode stats, per-sample metrics.
+- `aggregate.json` / `aggregate.md`: every metric with its 95% bootstrap interval (per language),
+  skipped metrics with the reason, and the decode speed measured during this eval.
+
+Speed is measured around `generate` only (prefill + decoding, not image rendering or metrics):
+tokens/s counts generated tokens up to and including each row's first EOS; forwards per token is
+a batch's forward passes over its longest row (the row that keeps the batch running), summed
+over batches. With --batch-size 1 both are exact per study.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from echocxr.errors import UserError
+
+SETTINGS = "settings.json"
+SAMPLES = "samples.jsonl"
+AGGREGATE_JSON = "aggregate.json"
+AGGREGATE_MD = "aggregate.md"
+
+# Cheap enough for every eval on CPU; the registry's other metrics need local model folders.
+DEFAULT_METRICS: tuple[str, ...] = (
+    "bleu_coco",
+    "meteor_coco",
+    "rougeL_coco",
+    "cider_coco",
+    "rougeL_rouge_score",
+    "semscore_minilm",
+    "label_f1",
+    "phantom_f1",
+)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    ckpt: str
+    corpus: str
+    out: str
+    decoder: str = "ar"
+    block_size: int | None = None  # None: the checkpoint's block size (echocxr.json), else 8
+    steps: int | None = None  # "block" decoder: None means one token per step (steps = block size)
+    fused: bool = True
+    strategy: str = "confidence_dynamic"
+    threshold: float = 0.85
+    max_new_tokens: int | None = None  # None: the checkpoint's max_response_tokens
+    batch_size: int = 8
+    limit: int | None = None
+    split: str = "test"  # "all" keeps every record of the file
+    language: str | None = None  # None: every language in the file
+    image_source: str = "phantom"
+    views: tuple[str, ...] | None = None  # None: the checkpoint's training views, else frontal
+    metrics: tuple[str, ...] = DEFAULT_METRICS
+    bootstrap: int = 1000
+    seed: int = 0
+    device: str = "cpu"
+    record_trajectory: bool = False  # keep per-position commit confidences (for the EOS plot)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.limit is not None and self.limit < 1:
+            raise UserError(f"--limit must be >= 1, got {self.limit}")
+        if self.image_source not in ("phantom", "real", "auto"):
+            raise UserError(f"--image-source must be phantom, real or auto, not {self.image_source!r}")
+
+    def fingerprint(self) -> dict:
+        """The settings that decide the decoded text: a rerun resumes only when they match."""
+        d = asdict(self)
+        for k in ("out", "batch_size", "limit", "metrics", "bootstrap", "device", "record_trajectory"):
+            d.pop(k)
+        d["ckpt"] = str(Path(self.ckpt).resolve())
+        d["corpus"] = str(Path(self.corpus).resolve())
+        d["ckpt_weights"] = _weights_digest(Path(self.ckpt))
+        return d
+
+
+def _weights_digest(ckpt: Path) -> str:
+    """Names, sizes and mtimes of the weight files: a retrained checkpoint in the same folder differs."""
+    h = hashlib.sha1()
+    for p in sorted(ckpt.glob("*.safetensors")):
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def read_samples(path: Path) -> list[dict]:
+    """Samples already decoded. A torn last line (a killed run mid-write) is dropped with a note;
+    a malformed line elsewhere is a user problem."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines):
+                print(
+                    f"{path}:{i}: incomplete last line (interrupted run), decoding it again", file=sys.stderr
+                )
+                continue
+            raise UserError(f"{path}:{i}: not a JSON sample line; delete the file to start over") from None
+    return out
+
+
+def _check_settings(out: Path, fingerprint: dict) -> None:
+    path = out / SETTINGS
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise UserError(f"{path}: unreadable settings; delete {out} or choose another --out") from None
+        if old != fingerprint:
+            diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+            raise UserError(
+                f"{out} holds samples from other settings ({', '.join(diff)} differ); "
+                "choose another --out or delete it"
+            )
+    else:
+        _write_atomic(path, json.dumps(fingerprint, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Records and images
+
+
+def load_records(cfg: EvalConfig):
+    from echocxr.data.records import load_corpus
+
+    records = load_corpus(cfg.corpus)
+    if not records:
+        raise UserError(f"{cfg.corpus}: no records")
+    picked = [
+        r
+        for r in records
+        if (cfg.split == "all" or r.split == cfg.split)
+        and (cfg.language is None or r.language == cfg.language)
+    ]
+    if not picked:
+        splits = sorted({r.split for r in records})
+        langs = sorted({r.language for r in records})
+        raise UserError(
+            f"{cfg.corpus}: no records with split {cfg.split!r}"
+            + (f" and language {cfg.language!r}" if cfg.language else "")
+            + f" (the file has splits {splits}, languages {langs}; --split all keeps every record)"
+        )
+    return picked[: cfg.limit] if cfg.limit else picked
+
+
+def phantom_truth(record, seed: int) -> dict:
+    """The findings the eval phantom of this study was rendered with (every attribute resolved)."""
+    from echocxr.data.phantom import findings_for_record, resolve_findings, study_seed
+
+    findings, _ = findings_for_record(record)
+    drawn = resolve_findings(findings, seed=study_seed(record.study_id, seed, None))
+    return {obs: {k: v for k, v in f.to_dict().items() if k != "observation"} for obs, f in drawn.items()}
+
+
+def record_images(record, *, size: int, seed: int, source: str, views, root: Path):
+    """(images, "real" | "phantom") for one study; "auto" takes real files where every view has one."""
+    from echocxr.data.images import study_images
+    from echocxr.data.phantom import MAX_SIZE, MIN_SIZE
+
+    # The phantom renderer has a size range (tiny's 56 px is below it); the image processor
+    # resizes to the model's input either way.
+    size = min(max(size, MIN_SIZE), MAX_SIZE)
+    if source == "auto":
+        try:
+            return study_images(record, size=size, seed=seed, source="real", views=views, root=root), "real"
+        except UserError:
+            source = "phantom"
+    return study_images(record, size=size, seed=seed, source=source, views=views, root=root), source
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding
+
+
+@dataclass
+class Loaded:
+    model: object
+    tokenizer: object
+    processor: object
+    meta: dict
+    tokens_per_image: int
+    image_size: int
+    block_size: int
+    max_new_tokens: int
+    views: tuple[str, ...]
+
+
+def load_checkpoint(cfg: EvalConfig) -> Loaded:
+    from echocxr.model.vlm import EchoVLM
+
+    model, tokenizer, processor, meta = EchoVLM.from_pretrained(cfg.ckpt, device=cfg.device)
+    model.eval()
+    mcfg = model.config
+    if mcfg is None:
+        raise UserError(f"{cfg.ckpt}: no echocxr.json with the model preset; cannot size images")
+    views = cfg.views or tuple(meta.get("views") or ("frontal",))
+    block = cfg.block_size or int(meta.get("block_size") or 8)
+    return Loaded(
+        model,
+        tokenizer,
+        processor,
+        meta,
+        mcfg.image_tokens,
+        mcfg.image_size,
+        block,
+        cfg.max_new_tokens or mcfg.max_response_tokens,
+        views,
+    )
+
+
+def decode_config(cfg: EvalConfig, loaded: Loaded):
+    from echocxr.decode.api import DecodeConfig
+
+    return DecodeConfig(
+        decoder=cfg.decoder,
+        max_new_tokens=loaded.max_new_tokens,
+        block_size=loaded.block_size,
+        steps=cfg.steps or loaded.block_size,
+        strategy=cfg.strategy,
+        threshold=cfg.threshold,
+        fused=cfg.fused,
+        record_trajectory=cfg.record_trajectory,
+        seed=cfg.seed,
+    )
+
+
+def _jsonable(value):
+    """Decoder stats as JSON: tensors to lists, anything else unknown to its repr."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return repr(value)
+
+
+def commit_confidences(trajectory, row: int, eos: int) -> list[tuple[bool, float]] | None:
+    """(is EOS, confidence when committed) per committed position of one row, from a block
+    decoder's trajectory, or None when the decoder recorded none in a form we read.
+
+    Reads trajectory entries that are dicts with per-row lists "tokens" and "confidence"
+    (committed ids and their probabilities at commit)."""
+    if not trajectory:
+        return None
+    out = []
+    for step in trajectory:
+        if not isinstance(step, dict) or "tokens" not in step or "confidence" not in step:
+            return None
+        toks, conf = _jsonable(step["tokens"]), _jsonable(step["confidence"])
+        if row >= len(toks):
+            continue
+        for t, c in zip(toks[row], conf[row]):
+            out.append((int(t) == eos, float(c)))
+    return out
+
+
+def decode_batch(records, loaded: Loaded, cfg: EvalConfig, dcfg, root: Path) -> list[dict]:
+    import torch
+
+    from echocxr.batch import Example, collate
+    from echocxr.decode.api import generate
+
+    examples, sources = [], []
+    for r in records:
+        imgs, src = record_images(
+            r, size=loaded.image_size, seed=cfg.seed, source=cfg.image_source, views=loaded.views, root=root
+        )
+        examples.append(Example(imgs, r.language, None, r.record_id))
+        sources.append(src)
+    batch = collate(examples, loaded.tokenizer, loaded.processor, loaded.tokens_per_image).to(cfg.device)
+    if cfg.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = generate(loaded.model, batch, dcfg)
+    if cfg.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    eos = loaded.model.special.eos
+    B = len(records)
+    longest = max(len(t) for t in out.tokens)
+    rows = []
+    for b, (r, toks) in enumerate(zip(records, out.tokens)):
+        hyp = loaded.tokenizer.decode([t for t in toks if t != eos], skip_special_tokens=True).strip()
+        row = {
+            "record_id": r.record_id,
+            "study_id": r.study_id,
+            "language": r.language,
+            "hypothesis": hyp,
+            "reference": r.report,
+            "image_source": sources[b],
+            "truth": phantom_truth(r, cfg.seed) if sources[b] == "phantom" else None,
+            "decode": {
+                "tokens": len(toks),
+                "ended": bool(toks) and toks[-1] == eos,
+                "batch_size": B,
+                "batch_forwards": int(out.forwards),
+                "batch_longest": longest,
+                "batch_seconds": seconds,
+                "stats": _jsonable(out.stats),
+            },
+        }
+        if cfg.record_trajectory:
+            row["commits"] = commit_confidences(out.trajectory, b, eos)
+        rows.append(row)
+    return rows
+
+
+def speed_summary(samples: list[dict]) -> dict:
+    """Tokens/s and forwards per token over samples; each sample carries 1/B of its batch's cost."""
+    if not samples:
+        return {}
+    tokens = sum(s["decode"]["tokens"] for s in samples)
+    seconds = sum(s["decode"]["batch_seconds"] / s["decode"]["batch_size"] for s in samples)
+    forwards = sum(s["decode"]["batch_forwards"] / s["decode"]["batch_size"] for s in samples)
+    longest = sum(s["decode"]["batch_longest"] / s["decode"]["batch_size"] for s in samples)
+    return {
+        "samples": len(samples),
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds if seconds > 0 else float("nan"),
+        "forwards_per_token": forwards / longest if longest > 0 else float("nan"),
+        "mean_tokens": tokens / len(samples),
+        "ended_share": sum(bool(s["decode"]["ended"]) for s in samples) / len(samples),
+    }
+
+
+def eos_confidence(model, batch, block: int) -> dict[str, list[float]]:
+    """Confidence of the model on reference reports with every response block fully masked, the
+    situation of a one-step decoder (and of the first step of the block decoder).
+
+    One forward in the RAD layout [prompt | noisy (all <|mask|>) | clean reference]: noisy block i
+    sees the prompt, clean blocks < i and itself. Confidence = the probability given to the
+    reference token. Positions up to the end of the block holding each row's first EOS count;
+    "eos" collects that first EOS and the EOS padding after it in its block (what the decoder must
+    emit there), "content" every earlier token. `batch` must come from `collate(...,
+    multiple_of=block)` with reports.
+    """
+    import torch
+
+    from echocxr.decode.common import prefill, text_positions, with_padding
+    from echocxr.model.masks import dense, rad_rule
+
+    R = batch.response_ids.shape[1]
+    if R % block:
+        raise ValueError(f"response length {R} is not a multiple of the block size {block}")
+    with torch.no_grad():
+        pre = prefill(model, batch, 2 * R)
+        P = pre.cache.length
+        ids = torch.cat([torch.full_like(batch.response_ids, model.special.mask), batch.response_ids], 1)
+        pos = text_positions(pre.next_pos, 0, R)
+        pos = torch.cat([pos, pos], 2)  # the noisy copy sits at the same positions as the clean one
+        pre.cache.key_valid[:, P : P + 2 * R] = True
+        mask = with_padding(
+            pre.cache, dense(rad_rule(P, R, block), 2 * R, P + 2 * R, q_offset=P, device=ids.device)
+        )
+        h = model(model.embed(ids), pos, mask, cache=pre.cache, start=P)
+        probs = model.logits(h[:, :R]).float().softmax(-1)
+        p_ref = probs.gather(-1, batch.response_ids[..., None])[..., 0]  # [B, R]
+    out: dict[str, list[float]] = {"eos": [], "content": []}
+    for b, n in enumerate(batch.response_len.tolist()):
+        end = -(-n // block) * block
+        out["content"] += p_ref[b, : n - 1].tolist()
+        out["eos"] += p_ref[b, n - 1 : end].tolist()
+    return out
+
+
+def summarize_confidence(values: dict[str, list[float]]) -> dict:
+    """Means, standard errors and counts of `eos_confidence` output (the plot's input per block)."""
+    import math
+
+    out = {}
+    for kind, v in values.items():
+        n = len(v)
+        mean = sum(v) / n if n else float("nan")
+        var = sum((x - mean) ** 2 for x in v) / (n - 1) if n > 1 else 0.0
+        out[kind], out[f"{kind}_se"], out[f"{kind}_n"] = mean, math.sqrt(var / n) if n else 0.0, n
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+
+
+def score(samples: list[dict], names, *, bootstrap: int, seed: int) -> dict[str, dict]:
+    """Per language: every metric's aggregates with CIs (or why it was skipped); per-sample values
+    are written into each sample's "metrics"."""
+    from echocxr.eval import metrics
+    from echocxr.eval.bootstrap import bootstrap_ci
+
+    by_lang: dict[str, list[dict]] = {}
+    for s in samples:
+        by_lang.setdefault(s["language"], []).append(s)
+    table: dict[str, dict] = {}
+    for lang, group in sorted(by_lang.items()):
+        hyps = [s["hypothesis"] for s in group]
+        refs = [s["reference"] for s in group]
+        have_truth = all(s["truth"] is not None for s in group)
+        ok = metrics.available(language=lang)
+        out: dict[str, dict] = {}
+        for s in group:
+            s["metrics"] = {}
+        for name in names:
+            if not ok.get(name, "").startswith("ok"):
+                out[name] = {"skipped": ok.get(name, "unknown metric")}
+                continue
+            kw = {}
+            if metrics.REGISTRY[name].needs_truth:
+                if not have_truth:
+                    out[name] = {"skipped": "needs phantom images (some studies used real images)"}
+                    continue
+                kw["truth"] = [s["truth"] for s in group]
+            result = metrics.compute(name, hyps, refs, language=lang, **kw)
+            cis = bootstrap_ci(result, n_resamples=bootstrap, seed=seed)
+            for key, value in result.aggregate.items():
+                ci = cis.get(key)
+                entry = {"value": float(value), "ci95": [ci.lo, ci.hi] if ci else None}
+                notes = [n for n in (result.note, ci.method_note if ci else "") if n]
+                if notes:
+                    entry["note"] = "; ".join(notes)
+                out[key] = entry
+            for s, values in zip(group, result.per_sample):
+                s["metrics"].update({k: float(v) for k, v in values.items()})
+        table[lang] = out
+    return table
+
+
+def markdown_table(aggregate: dict) -> str:
+    lines = [f"# Eval: {aggregate['decoder_label']}", ""]
+    sp = aggregate["speed"]
+    lines += [
+        f"- checkpoint: `{aggregate['settings']['ckpt']}`",
+        f"- corpus: `{aggregate['settings']['corpus']}` ({sp.get('samples', 0)} studies)",
+        f"- speed: {sp.get('tokens_per_s', float('nan')):.1f} tokens/s, "
+        f"{sp.get('forwards_per_token', float('nan')):.3f} forwards/token, "
+        f"{sp.get('mean_tokens', float('nan')):.1f} tokens per report",
+        f"- machine: {aggregate['machine']}, {aggregate['date']}",
+        "",
+    ]
+    for lang, table in aggregate["metrics"].items():
+        lines += [f"## {lang}", "", "| metric | value | 95% CI |", "| --- | --- | --- |"]
+        for key, e in table.items():
+            if "skipped" in e:
+                continue
+            ci = e.get("ci95")
+            ci_text = f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "n/a"
+            lines.append(f"| {key} | {e['value']:.4f} | {ci_text} |")
+        skipped = [(k, e["skipped"]) for k, e in table.items() if "skipped" in e]
+        if skipped:
+            lines += ["", "Skipped:", *[f"- `{k}`: {why}" for k, why in skipped]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def machine_name(device: str = "cpu") -> str:
+    """The GPU's name on CUDA, else the CPU model and core count (for labelling numbers)."""
+    import platform
+
+    if device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def decoder_label(dcfg) -> str:
+    if dcfg.decoder == "ar":
+        return "ar"
+    if dcfg.decoder == "block":
+        return f"block B={dcfg.block_size} K={dcfg.steps}"
+    return f"onestep B={dcfg.block_size} {'fused' if dcfg.fused else 'vanilla'}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+
+
+def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
+    """Decode what is not yet in samples.jsonl, score everything, write the aggregate. Returns it."""
+    from tqdm import tqdm
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_settings(out, cfg.fingerprint())
+    records = load_records(cfg)
+    samples_path = out / SAMPLES
+    done = {s["record_id"]: s for s in read_samples(samples_path)}
+    todo = [r for r in records if r.record_id not in done]
+    loaded = load_checkpoint(cfg)
+    dcfg = decode_config(cfg, loaded)
+    root = Path(cfg.corpus).resolve().parent
+    if todo:
+        # Append mode: each finished batch is on disk before the next starts (resumable).
+        with (
+            samples_path.open("a", encoding="utf-8") as f,
+            tqdm(
+                total=len(records),
+                initial=len(records) - len(todo),
+                desc=decoder_label(dcfg),
+                disable=not progress,
+                file=sys.stderr,
+            ) as bar,
+        ):
+            for i in range(0, len(todo), cfg.batch_size):
+                chunk = todo[i : i + cfg.batch_size]
+                for row in decode_batch(chunk, loaded, cfg, dcfg, root):
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    done[row["record_id"]] = row
+                f.flush()
+                bar.update(len(chunk))
+    samples = [done[r.record_id] for r in records]
+    table = score(samples, cfg.metrics, bootstrap=cfg.bootstrap, seed=cfg.seed)
+    _write_atomic(samples_path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+    aggregate = {
+        "decoder_label": decoder_label(dcfg),
+        "decode": asdict(dcfg),
+        "settings": cfg.fingerprint(),
+        "checkpoint_meta": {k: v for k, v in loaded.meta.items() if k != "model"},
+        "speed": speed_summary(samples),
+        "metrics": table,
+        "machine": machine_name(cfg.device),
+        "date": time.strftime("%Y-%m-%d"),
+        "command": "echocxr eval " + " ".join(cli_args(cfg)),
+    }
+    _write_atomic(out / AGGREGATE_JSON, json.dumps(aggregate, indent=2, ensure_ascii=False) + "\n")
+    _write_atomic(out / AGGREGATE_MD, markdown_table(aggregate))
+    return aggregate
+
+
+def cli_args(cfg: EvalConfig) -> list[str]:
+    """The command-line flags that reproduce `cfg` (for labelling numbers with their command)."""
+    a = ["--ckpt", cfg.ckpt, "--corpus", cfg.corpus, "--out", cfg.out, "--decoder", cfg.decoder]
+    if cfg.block_size:
+        a += ["--block-size", str(cfg.block_size)]
+    if cfg.steps:
+        a += ["--steps", str(cfg.steps)]
+    if not cfg.fused:
+        a.append("--no-fuse")
+    if cfg.strategy != EvalConfig.strategy:
+        a += ["--strategy", cfg.strategy]
+    if cfg.max_new_tokens:
+        a += ["--max-new-tokens", str(cfg.max_new_tokens)]
+    a += ["--batch-size", str(cfg.batch_size)]
+    if cfg.limit:
+        a += ["--limit", str(cfg.limit)]
+    if cfg.split != "test":
+        a += ["--split", cfg.split]
+    if cfg.language:
+        a += ["--language", cfg.language]
+    a += ["--image-source", cfg.image_source]
+    if cfg.views:
+        a += ["--views", ",".join(cfg.views)]
+    if tuple(cfg.metrics) != DEFAULT_METRICS:
+        a += ["--metrics", ",".join(cfg.metrics)]
+    if cfg.device != "cpu":
+        a += ["--device", cfg.device]
+    if cfg.record_trajectory:
+        a.append("--record-trajectory")
+    return a
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, help="checkpoint directory (from `echocxr train`)")
+    parser.add_argument("--corpus", required=True, help="eval_en.jsonl, eval_zh.jsonl or corpus.jsonl")
+    parser.add_argument("--out", required=True, help="output folder (rerun with it to resume)")
+    parser.add_argument("--decoder", default="ar", choices=("ar", "block", "onestep"))
+    parser.add_argument("--block-size", type=int, default=None, help="default: the checkpoint's")
+    parser.add_argument("--steps", type=int, default=None, help="block decoder: steps per block (default B)")
+    parser.add_argument("--no-fuse", dest="fused", action="store_false", help="onestep: vanilla block cache")
+    parser.add_argument("--strategy", default=EvalConfig.strategy)
+    parser.add_argument("--threshold", type=float, default=EvalConfig.threshold)
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=EvalConfig.batch_size)
+    parser.add_argument("--limit", type=int, default=None, help="first N studies only")
+    parser.add_argument("--split", default="test", help="records of this split (all: every record)")
+    parser.add_argument("--language", default=None, choices=("en", "zh"))
+    parser.add_argument("--image-source", default="phantom", choices=("phantom", "real", "auto"))
+    parser.add_argument(
+        "--views", default=None, help="comma list, e.g. frontal,lateral (default: the checkpoint's)"
+    )
+    parser.add_argument(
+        "--metrics", default=",".join(DEFAULT_METRICS), help="comma list of registry names, or 'all'"
+    )
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--record-trajectory", action="store_true", help="keep commit confidences per token")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    from echocxr.eval import metrics
+
+    names = (
+        tuple(metrics.REGISTRY) if args.metrics == "all" else tuple(m for m in args.metrics.split(",") if m)
+    )
+    unknown = [n for n in names if n not in metrics.REGISTRY]
+    if unknown:
+        raise UserError(f"unknown metric(s) {', '.join(unknown)}; known: {', '.join(metrics.REGISTRY)}")
+    return EvalConfig(
+        ckpt=args.ckpt,
+        corpus=args.corpus,
+        out=args.out,
+        decoder=args.decoder,
+        block_size=args.block_size,
+        steps=args.steps,
+        fused=args.fused,
+        strategy=args.strategy,
+        threshold=args.threshold,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        split=args.split,
+        language=args.language,
+        image_source=args.image_source,
+        views=tuple(args.views.split(",")) if args.views else None,
+        metrics=names,
+        bootstrap=args.bootstrap,
+        seed=args.seed,
+        device=args.device,
+        record_trajectory=args.record_trajectory,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    agg = evaluate(cfg, progress=not args.quiet)
+    print(markdown_table(agg))
+    print(f"wrote {Path(cfg.out) / AGGREGATE_MD}, {Path(cfg.out) / SAMPLES}")
+    return 0
