@@ -1,0 +1,153 @@
+"""The pipeline's presets, plan and step skipping (the full demo run is not a unit test)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from echocxr import pipeline as pl
+from echocxr.errors import UserError
+
+
+def test_presets_are_typed_and_frozen():
+    tiny, small = pl.get_pipeline_preset("tiny"), pl.get_pipeline_preset("small")
+    assert tiny.model == "tiny" and small.model == "small"
+    assert tiny.ar_steps < small.ar_steps and tiny.block_sizes == (4, 8)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        tiny.ar_steps = 1
+    assert pl.get_pipeline_preset("tiny", ar_steps=7).ar_steps == 7
+    with pytest.raises(UserError, match="unknown pipeline preset"):
+        pl.get_pipeline_preset("huge")
+    with pytest.raises(UserError, match="ablation block"):
+        pl.get_pipeline_preset("tiny", ablation_block=16)
+
+
+def _steps(root: Path, calls: list, command_b: str = "b v1") -> list[pl.Step]:
+    def act(name, folder):
+        def action(resume: bool) -> None:
+            calls.append((name, resume))
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "out.txt").write_text(name)
+
+        return action
+
+    a, b, c = root / "a", root / "b", root / "c"
+    return [
+        pl.Step("a", a, "a v1", act("a", a)),
+        pl.Step("b", b, command_b, act("b", b), ("a",)),
+        pl.Step("c", c, "c v1", act("c", c), ("b",)),
+    ]
+
+
+def test_steps_run_once_then_skip(tmp_path):
+    calls: list = []
+    ran = pl.execute(_steps(tmp_path, calls), log=lambda m: None)
+    assert list(ran) == ["a", "b", "c"] and calls == [("a", False), ("b", False), ("c", False)]
+    calls.clear()
+    assert pl.execute(_steps(tmp_path, calls), log=lambda m: None) == {} and calls == []
+    assert pl.status(_steps(tmp_path, calls)) == {"a": "done", "b": "done", "c": "done"}
+
+
+def test_killed_step_resumes_and_downstream_reruns(tmp_path):
+    calls: list = []
+    pl.execute(_steps(tmp_path, calls), log=lambda m: None)
+    # b was killed mid-way in a second run: its folder has outputs but no marker
+    (tmp_path / "b" / pl.DONE).unlink()
+    assert pl.status(_steps(tmp_path, calls))["b"] == "partial"
+    calls.clear()
+    time.sleep(0.01)  # markers are compared by finish time
+    pl.execute(_steps(tmp_path, calls), log=lambda m: None)
+    # b resumes; c finished before the new b, so its outputs are stale: moved aside and redone
+    assert calls == [("b", True), ("c", False)]
+    stale = [p.name for p in tmp_path.iterdir() if p.name.startswith("c.stale-")]
+    assert len(stale) == 1 and (tmp_path / stale[0] / "out.txt").read_text() == "c"
+
+
+def test_changed_command_is_stale(tmp_path):
+    calls: list = []
+    pl.execute(_steps(tmp_path, calls), log=lambda m: None)
+    st = pl.status(_steps(tmp_path, calls, command_b="b v2"))
+    assert st == {"a": "done", "b": "stale", "c": "stale"}
+    calls.clear()
+    pl.execute(_steps(tmp_path, calls, command_b="b v2"), log=lambda m: None)
+    assert calls == [("b", False), ("c", False)]
+    assert json.loads((tmp_path / "b" / pl.DONE).read_text())["command"] == "b v2"
+
+
+def test_plan_covers_every_decoder_and_the_ablation(tmp_path):
+    opt = pl.RunOptions(out=tmp_path / "run", iu=tmp_path / "iu.tgz", images=tmp_path / "img")
+    steps = pl.plan(pl.get_pipeline_preset("tiny"), opt)
+    names = [s.name for s in steps]
+    assert len(names) == len(set(names))
+    for n in ("data/norm", "data/orig", "train/ar", "train/rad_b4", "train/dcd_b8", "train/dcd_b4_orig"):
+        assert n in names
+    labels = [s.info.get("label") for s in steps if s.name.startswith("eval/")]
+    for want in (
+        "ar",
+        "rad_b8 block K=1",
+        "rad_b8 block K=8",
+        "rad_b4 block K=4",
+        "rad_b8 onestep (undistilled)",
+        "dcd_b8 onestep vanilla",
+        "dcd_b8 onestep fused",
+        "ablation_orig dcd_b4 onestep fused",
+    ):
+        assert want in labels
+    assert "rad_b4 block K=8" not in labels  # K <= B
+    # every dependency is an earlier step
+    seen: set[str] = set()
+    for s in steps:
+        assert set(s.deps) <= seen, s.name
+        seen.add(s.name)
+    rad = next(s for s in steps if s.name == "train/rad_b4")
+    assert (
+        "--init " + str(tmp_path / "run" / "ar" / "final") in rad.command and "--block-size 4" in rad.command
+    )
+    onestep = next(s for s in steps if s.info.get("label") == "dcd_b8 onestep vanilla")
+    assert "--decoder onestep" in onestep.command and "--no-fuse" in onestep.command
+    no_abl = pl.plan(pl.get_pipeline_preset("tiny", ablation=False), opt)
+    assert not any("orig" in s.name for s in no_abl)
+
+
+def test_real_image_studies_group_views(iu_images):
+    studies = pl.real_image_studies(iu_images)
+    assert sorted(studies) == ["CXR1900", "CXR7"]
+    assert [p.name for p in studies["CXR7"]] == ["CXR7_IM-2263-1001.png", "CXR7_IM-2263-2001.png"]
+
+
+def test_results_page_from_finished_steps(tmp_path):
+    folder = tmp_path / "eval" / "ar"
+    folder.mkdir(parents=True)
+    agg = {
+        "speed": {"samples": 4, "tokens_per_s": 120.0, "forwards_per_token": 1.0, "mean_tokens": 30.0},
+        "metrics": {
+            "en": {"rougeL_coco": {"value": 0.25, "ci95": [0.2, 0.3]}, "bleu4_coco": {"skipped": "x"}}
+        },
+        "machine": "test cpu",
+        "date": "2026-01-01",
+    }
+    (folder / "aggregate.json").write_text(json.dumps(agg))
+    step = pl.Step(
+        "eval/ar", folder, "echocxr eval --decoder ar", lambda r: None, (), {"label": "ar", "group": "main"}
+    )
+    pl._mark_done(step, 3.0)
+    opt = pl.RunOptions(out=tmp_path, iu=tmp_path, images=None)
+    page = pl.write_results(pl.get_pipeline_preset("tiny"), opt, [step], tmp_path / "RESULTS.md", 60.0)
+    text = page.read_text()
+    assert "| ar | 4 | 120.0 | 1.000 | 30.0 | 0.250 [0.200, 0.300] |" in text
+    assert "`echocxr eval --decoder ar`" in text and "phantom" in text
+    assert (tmp_path / "figures" / "pareto_tokens_per_s.png").is_file()
+
+
+def test_demo_needs_the_archive(tmp_path):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    pl.add_demo_arguments(p)
+    args = p.parse_args(["--iu", str(tmp_path / "missing.tgz"), "--images", ""])
+    with pytest.raises(UserError, match="missing.tgz"):
+        pl.run_demo(args)
