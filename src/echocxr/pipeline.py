@@ -834,6 +834,10 @@ def run_pipeline(cfg: PipelineConfig, opt: RunOptions, *, dry_run: bool = False)
             cmd = next(s.command for s in steps if s.name == name)
             print(f"{state:8s} {name}: {cmd}")
         return 0
+    # Entry point: nothing may reach a model hub; the metrics load their models from local folders.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     t0 = time.perf_counter()
     execute(steps, log=lambda m: print(m, file=sys.stderr, flush=True))
     wall = time.perf_counter() - t0
