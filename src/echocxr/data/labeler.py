@@ -1,0 +1,537 @@
+"""Rule-based labeler: report text -> `Findings` (CheXpert-14 plus the extras).
+
+Written in the spirit of the NegBio / CheXpert labelers without their parser:
+
+1. The text is cut into clauses: sentences (., ;, newline) split again at words that end a negation
+   scope ("but", "however", "although", ...).
+2. Mentions: each observation has a table of regular expressions (`MENTIONS`); a hit is a mention.
+   `NORMAL_STATEMENTS` are whole phrases that deny an observation ("heart size is normal").
+3. Status of a mention, from the clause around it: a negation trigger before it (`PRE_NEG`: "no",
+   "without", "negative for", ...) whose scope reaches it, or a negation after it (`POST_NEG`: "is not
+   seen", "has resolved") makes it negative; an uncertainty trigger (`UNCERTAIN`: "may", "possible",
+   "cannot exclude", "versus", ...) anywhere in the clause makes it uncertain; otherwise positive.
+   A pre-negation covers a list ("no effusion or pneumothorax") but stops at a clause break and at a
+   comma that starts a new statement (a comma followed by a severity word or a verb).
+4. One status per observation and study: positive beats uncertain beats negative, so "no new
+   effusion; small left effusion" is positive.
+5. Attributes from the clause of the chosen mention: laterality, severity, zone, subtype.
+
+`no_finding` (decided here, documented in docs/LABELER.md): positive when the text mentions at least
+one observation or says the study is normal, and no observation other than `support_devices` is
+positive or uncertain (the CheXpert rule, extended to the extras).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from echocxr.data.observations import Finding, Findings
+
+# ---------------------------------------------------------------------------------------------
+# Mentions: observation -> patterns (matched on lower-cased text with `XXXX` kept as "xxxx").
+
+_EFF = r"effusions?"
+MENTIONS: dict[str, tuple[str, ...]] = {
+    "cardiomegaly": (
+        r"cardiomegaly",
+        r"cardiac (?:enlargement|hypertrophy)",
+        r"enlarge(?:d|ment of the) (?:heart|cardiac (?:silhouette|shadow|size))",
+        r"(?:heart|cardiac silhouette|cardiac shadow|cardiac size|heart size|heart shadow)"
+        r"(?: size)? (?:is |are |appears |remains |appear )*(?:\w+ ){0,2}enlarged",
+        r"(?:heart|cardiac) (?:size|silhouette) (?:is )?(?:at the |at )?(?:upper limits?|top)"
+        r" (?:of |to )?normal",
+        r"borderline (?:heart size|cardiac size|enlarge\w+|cardiomegaly)",
+        r"(?:heart|cardiac) size (?:is )?(?:borderline|upper normal|mildly increased|increased|large)",
+        r"prominen(?:t|ce of the) (?:heart|cardiac silhouette)",
+    ),
+    "enlarged_cardiomediastinum": (
+        r"(?:widen\w*|enlarge\w*) (?:of the )?(?:superior )?mediastin\w*",
+        r"mediastin\w* (?:is |appears )?(?:widen\w*|enlarged)",
+        r"enlarged cardiomediastinal silhouette",
+        r"cardiomediastinal silhouette (?:is |appears )?(?:\w+ )?enlarged",
+    ),
+    "lung_opacity": (
+        r"opacit(?:y|ies)",
+        r"opacification",
+        r"densit(?:y|ies)",
+        r"(?:airspace|interstitial) (?:markings|prominence)",
+        r"haziness|hazy",
+    ),
+    "lung_lesion": (
+        r"nodules?",
+        r"nodular",
+        r"(?<!soft tissue )mass(?:es)?\b",
+        r"(?:pulmonary |lung )?lesions?",
+        r"neoplasm|tumou?r|malignan\w+|metasta\w+|carcinoma",
+    ),
+    "edema": (
+        r"edema",
+        r"(?:vascular|venous) congestion",
+        r"congestive (?:heart )?failure|\bchf\b",
+        r"cephali[sz]ation",
+        r"(?:pulmonary )?vascular (?:congestion|engorgement|redistribution)",
+        r"kerley",
+    ),
+    "consolidation": (
+        r"consolidat\w*",
+        r"air ?space (?:disease|opacit\w+|process|consolidation)",
+        r"infiltrat\w*",
+    ),
+    "pneumonia": (
+        r"pneumonia",
+        r"pneumonitis",
+        r"infectio(?:n|us)",
+        r"bronchopneumonia",
+    ),
+    "atelectasis": (
+        r"atelecta\w+",
+        r"(?:lobar |lobe |segmental )collapse",
+        r"collapse of the",
+    ),
+    "pneumothorax": (r"pneumothora(?:x|ces)", r"pneumothoraxes"),
+    "pleural_effusion": (
+        r"(?<!pericardial )" + _EFF,
+        r"hydrothorax",
+        r"(?:blunt\w*|obliterat\w*) (?:of )?(?:the )?(?:\w+ )?(?:costophrenic|cp) (?:angle|sulcus|sulci)",
+        r"(?:costophrenic|cp) (?:angle|angles|sulcus|sulci) (?:is |are )?(?:\w+ )?blunt\w*",
+        r"pleural fluid",
+    ),
+    "pleural_other": (
+        r"pleural (?:thickening|plaques?|scarring|calcification|reaction)",
+        r"(?:apical|pleural) (?:cap|capping)",
+        r"fibrothorax",
+        r"pleural[- ]parenchymal scarring",
+    ),
+    "fracture": (r"fractur\w*", r"\bfx\b"),
+    "support_devices": (
+        r"pacemaker|pacer|\baicd\b|\bicd\b|defibrillator|cardiac (?:device|generator)|"
+        r"(?:pacing|pacemaker|cardiac) leads?",
+        r"picc|central (?:venous )?(?:line|catheter)|venous catheter|port-?a-?cath|"
+        r"(?:chest |venous |central |power )?port\b|swan|\bcatheter|\bdialysis catheter",
+        r"endotracheal|\bet tube|\bett\b|tracheostomy",
+        r"(?:nasogastric|orogastric|feeding|enteric|\bng|\bog|dobhoff|gastric) tube",
+        r"chest tubes?|pleural (?:drain|catheter)|thoracostomy",
+        r"stents?\b|\blines?\b(?! of)|vagal nerve stimulator|loop recorder|\bleads?\b",
+    ),
+    "calcified_granuloma": (
+        r"granulomas?",
+        r"granulomatous",
+        r"calcified (?:nodules?|lymph nodes?|nodes?|densit\w+|foc\w+)",
+        r"calcified (?:hilar|mediastinal|right|left|\w+) (?:lymph )?(?:nodes?|nodules?)",
+        r"calcifications? (?:in|of|within) the (?:\w+ ){0,3}(?:lung|lobe|hil\w+|lymph nodes?)",
+        r"(?:hilar|mediastinal|pulmonary|parenchymal|nodal) calcifications?",
+    ),
+    "hyperinflation": (
+        r"hyperinflat\w*",
+        r"hyperexpan\w*",
+        r"over-?inflat\w*|over-?expan\w*",
+        r"emphysema\w*",
+        r"\bcopd\b|chronic obstructive",
+        r"(?:flatten\w*|flat) (?:of )?(?:the )?(?:hemi)?diaphragms?",
+        r"(?:hemi)?diaphragms? (?:are |is )?(?:\w+ )?flat\w*",
+        r"hyperluc\w+",
+        r"increased (?:ap|anteroposterior) diameter",
+        r"bullae|bullous",
+    ),
+    "sternotomy": (
+        r"sternotomy",
+        r"sternal (?:wires?|sutures?|cerclage)",
+        r"\bcabg\b|coronary (?:artery )?bypass",
+        r"median sternal",
+    ),
+    "hiatal_hernia": (r"hiatal hernia", r"hiatus hernia", r"hernia"),
+    "scoliosis": (r"scolio\w+", r"(?:dextro|levo)-?convex curv\w+", r"curvature of the (?:\w+ )?spine"),
+    "degenerative_spine": (
+        r"spondylo\w+",
+        r"osteophyt\w+",
+        r"degenerative",
+        r"\bdjd\b",
+        r"(?:disc|disk) (?:space )?(?:narrowing|disease)",
+        r"(?:arthritic|arthropathic) changes? (?:of|in) the (?:\w+ )?spine",
+        r"\bdish\b|diffuse idiopathic skeletal",
+    ),
+    "aortic_abnormality": (
+        r"tortu\w+",
+        r"ectatic|ectasia",
+        r"unfold\w*",
+        r"(?:aortic|aorta|arch|knob) (?:\w+ )?calcifi\w+",
+        r"calcifi\w+ (?:of |in |within )?(?:the )?(?:thoracic )?(?:aort\w+|arch|knob)",
+        r"atheroscl\w+|atheromatous",
+        r"calcified (?:thoracic )?aort\w+",
+    ),
+}
+
+# Context conditions: a mention of these observations counts only when its clause also matches.
+_CONTEXT: dict[str, str] = {
+    "degenerative_spine": r"spine|spinal|vertebra|thoracic|lumbar|cervical|dorsal|spondyl|osteophyt|"
+    r"disc|disk|endplate|djd|dish\b|skeletal",
+    "aortic_abnormality": r"aort|arch|knob|atheroscl|atheromatous",
+    "hiatal_hernia": r"hiatal|hiatus|hernia",
+}
+# Mentions that are something else: matched spans are blanked before mention search.
+_NOT_MENTIONS: tuple[str, ...] = (
+    r"pericardial effusion",
+    r"soft tissue (?:density|densities|opacity|mass)",
+    r"breast (?:tissue )?(?:density|densities|shadows?|opacit\w+)",
+    r"nipple (?:shadows?|opacit\w+)",
+    r"(?:bone|bony|osseous|skeletal) (?:density|densities|mineralization)",
+    r"density of the (?:bones?|osseous)",
+    r"(?:no )?(?:acute )?(?:bony|osseous) (?:abnormality|lesions?)",
+    r"degenerative (?:changes? |disease )?(?:of|in) the (?:\w+ )?(?:shoulders?|joints?|ac joint|"
+    r"acromioclavicular|glenohumeral)",
+    r"(?:shoulder|joint|acromioclavicular|glenohumeral)s? (?:\w+ )?degenerative",
+    r"tortuous (?:\w+ )?(?:trachea|vessels?|vasculature|artery|arteries|brachiocephalic)",
+    r"tortuosity of the (?:\w+ )?(?:trachea|vessels?|brachiocephalic|great vessels)",
+    r"bony lesions?",
+    r"skin (?:lines?|folds?)",
+    r"(?:nasogastric|ng) tube",  # re-added by the device table; keeps "tube" out of other tables
+)
+_NOT_MENTIONS = _NOT_MENTIONS[:-1]
+
+# Whole phrases that deny an observation without a negation word.
+NORMAL_STATEMENTS: dict[str, tuple[str, ...]] = {
+    "cardiomegaly": (
+        r"(?:heart|cardiac|cardiomediastinal|cardiopericardial|cardiothymic)(?: silhouette| shadow| size|"
+        r" contours?)*(?: and (?:the )?(?:\w+ ){0,3})?(?: size)? (?:is |are |appears? |remains? |"
+        r"was |were )*(?:grossly |overall |otherwise |again |stably )*(?:normal|within normal|"
+        r"unremarkable|stable and normal|upper normal size|not enlarged|unchanged and normal|"
+        r"within the normal)",
+        r"normal (?:\w+ )?(?:heart|cardiac|cardiomediastinal)(?: size| silhouette| contours?)?",
+        r"heart is not enlarged",
+        r"no (?:\w+ )?cardiac enlargement",
+    ),
+    "enlarged_cardiomediastinum": (
+        r"(?:cardiomediastinal|mediastinal|cardiomediastinum|mediastinum)(?: silhouette| contours?| size)*"
+        r"(?: and (?:\w+ ){1,3})? (?:is |are |appears? |remains? )*(?:grossly |again |otherwise )*"
+        r"(?:normal|within normal|unremarkable|stable)",
+        r"normal (?:\w+ )?(?:cardiomediastinal|mediastinal)(?: silhouette| contours?| size)?",
+    ),
+    "pleural_effusion": (
+        r"costophrenic (?:angles?|sulci|recesses) (?:are |is )?(?:clear|sharp|preserved|normal)",
+        r"(?:sharp|clear) costophrenic",
+    ),
+    "consolidation": (r"lungs? (?:fields )?(?:are |is |remain |appear )?(?:grossly |otherwise )?clear",),
+    "lung_opacity": (r"lungs? (?:fields )?(?:are |is |remain |appear )?(?:grossly |otherwise )?clear",),
+    "edema": (r"(?:pulmonary )?vascular(?:ity| markings| pattern)? (?:is |are )?(?:normal|within normal)",),
+    "pneumothorax": (),
+}
+# Statements that the whole study is normal.
+NORMAL_STUDY = (
+    r"no (?:\w+ )?(?:acute|active) (?:\w+ )?(?:cardiopulmonary|cardiac|pulmonary|intrathoracic|"
+    r"chest|thoracic|lung|osseous)?(?: or (?:\w+ ))?(?: disease| abnormality| abnormalities| process|"
+    r"findings?| pathology| change)",
+    r"normal (?:pa and lateral |frontal and lateral |two view |2 view )?(?:chest|study|exam\w*|radiograph)",
+    r"no (?:radiographic )?evidence of (?:acute )?(?:cardiopulmonary )?disease",
+    r"(?:chest|lungs?) (?:is |are )?(?:radiographically )?normal",
+    r"no (?:acute )?(?:cardiopulmonary )?(?:abnormality|abnormalities)",
+    r"within normal limits",
+    r"negative (?:chest|study|exam)",
+    r"unremarkable (?:chest|study|exam)",
+)
+
+# ---------------------------------------------------------------------------------------------
+# Triggers.
+
+PRE_NEG = (
+    r"\bno\b(?! (?:interval |significant |appreciable )?(?:change|increase|decrease|longer|further)\b)",
+    r"\bnot\b(?! (?:only|changed|significantly changed|otherwise)\b)",
+    r"\bwithout\b",
+    r"negative for",
+    r"free of",
+    r"clear of",
+    r"absence of",
+    r"resolution of",
+    r"resolved",
+    r"\bnor\b",
+    r"\bneither\b",
+    r"rule[sd]? out",
+    r"\bexclud\w+",
+    r"\bnegative\b",
+    r"removal of",
+    r"\bremoved\b",
+    r"\bnone\b",
+)
+POST_NEG = (
+    r"(?:is|are|was|were|has|have|be|been)? ?(?:no longer|not) (?:\w+ )?(?:seen|identified|"
+    r"visuali[sz]ed|present|demonstrated|evident|appreciated|noted|detected|visible|apparent|"
+    r"definitely seen|clearly seen)",
+    r"(?:has|have|is|are) (?:\w+ )?resolved",
+    r"resolved",
+    r"(?:is|are|has been|have been) removed",
+    r"(?:is|are) absent",
+    r"(?:is|are|has|have|been) (?:\w+ )?excluded",
+    r"(?:is|are) not (?:enlarged|widened|increased)",
+    r"(?:is|are) (?:\w+ )?(?:normal|within normal)",
+)
+UNCERTAIN = (
+    r"\bmay\b",
+    r"\bmight\b",
+    r"\bcould\b",
+    r"\bpossib\w+",
+    r"\bpotential\w*",
+    r"cannot (?:be )?(?:entirely |completely |definitely |definitively )?(?:exclude\w*|rule\w* out|"
+    r"excluded|ruled out|eliminated)",
+    r"can not be excluded|not (?:be )?excluded|not ruled out|difficult to exclude|"
+    r"(?:cannot|can't) exclude",
+    r"\bversus\b|\bvs\b\.?",
+    r"question\w*",
+    r"\bquery\b",
+    r"suspicio\w+",
+    r"suspect\w*",
+    r"concern\w* (?:for|of)",
+    r"suggest\w*",
+    r"\bequivocal\b",
+    r"indeterminate",
+    r"\bor\b (?:less likely )?(?:early |developing |superimposed )?(?:pneumonia|infection|atelectasis|"
+    r"consolidation|scar\w*|edema|effusion)",
+    r"differential",
+    r"not (?:entirely )?(?:certain|sure|clear)",
+    r"\buncertain\b",
+    r"\bunclear\b",
+    r"\bpresumed\b",
+    r"(?:cannot|can not) be (?:assessed|evaluated)",
+    r"obscur\w+",
+)
+# Words that end a negation scope inside a sentence.
+_SCOPE_BREAK = re.compile(
+    r"\b(?:but|however|although|though|whereas|which|except|aside from|apart from|"
+    r"with the exception of|other than|otherwise|there is|there are|there has been|"
+    r"while|again (?:seen|noted))\b"
+)
+# After a comma, a new statement (not a list item) starts with one of these.
+_NEW_STATEMENT = re.compile(
+    r"^\s*(?:and )?(?:mild\w*|minimal|small|moderate\w*|large|severe\w*|marked\w*|slight\w*|"
+    r"trace|stable|unchanged|persistent|new|left|right|bilateral|the|a|an|there|heart|lungs?|"
+    r"with|which|\w+ (?:is|are|was|were|has|have)\b)"
+)
+
+# ---------------------------------------------------------------------------------------------
+# Attributes.
+
+_SEVERITY: tuple[tuple[str, str], ...] = (
+    (r"mild(?:ly)?[- ]to[- ]moderate(?:ly)?", "moderate"),
+    (r"moderate(?:ly)?[- ]to[- ](?:severe|large|marked)(?:ly)?", "severe"),
+    (r"\b(?:severe(?:ly)?|large|marked(?:ly)?|massive|extensive|significant(?:ly)?|huge)\b", "severe"),
+    (r"\bmoderate(?:ly)?\b", "moderate"),
+    (
+        r"\b(?:mild(?:ly)?|minimal(?:ly)?|small|tiny|trace|slight(?:ly)?|minor|subtle|borderline|"
+        r"upper limits?|top normal|upper normal|minimally)\b",
+        "mild",
+    ),
+)
+_BILATERAL = re.compile(
+    r"\b(?:bilateral\w*|both|bibasilar|bibasal|biapical|bilaterally|left and right|"
+    r"right and left)\b"
+)
+_LEFT = re.compile(r"\bleft\b|\blingul\w*")
+_RIGHT = re.compile(r"\bright\b")
+_ZONES: tuple[tuple[str, str], ...] = (
+    (r"upper lobes?|upper lung|apex|apices|apical|biapical|upper zone", "upper"),
+    (r"middle lobe|lingul\w*|mid(?:dle)?[- ]?lung|midlung|perihilar|hilar|hila\b|mid zone", "middle"),
+    (
+        r"lower lobes?|lower lung|bases?\b|basilar|basal|bibasilar|bibasal|retrocardiac|costophrenic|"
+        r"lower zone|infrahilar",
+        "lower",
+    ),
+)
+_SUBTYPES: dict[str, tuple[tuple[str, str], ...]] = {
+    "lung_lesion": ((r"\bmass", "mass"), (r"nodul", "nodule")),
+    "atelectasis": (
+        (r"linear|plate|discoid|subsegmental|streak|band", "linear"),
+        (r"lobar|collapse|lobe atelecta|segmental", "lobar"),
+    ),
+    "support_devices": (
+        (r"pacemaker|pacer|aicd|\bicd\b|defibrillator|cardiac (?:device|generator)|leads?\b", "pacemaker"),
+        (r"endotracheal|\bet tube|\bett\b|tracheostomy", "endotracheal_tube"),
+        (r"nasogastric|orogastric|feeding|enteric|\bng\b|\bog\b|dobhoff|gastric tube", "ng_tube"),
+        (r"chest tube|pleural (?:drain|catheter)|thoracostomy", "chest_tube"),
+        (r"picc|central|venous|port|swan|catheter|line", "central_line"),
+    ),
+    "fracture": (
+        (r"\bribs?\b", "rib"),
+        (r"clavic", "clavicle"),
+        (r"spine|vertebra|compression|thoracic|lumbar|\b[tl]\d", "spine"),
+    ),
+    "edema": (
+        (r"edema|chf|failure|kerley", "edema"),
+        (r"congestion|cephali|engorge|redistribution", "vascular_congestion"),
+    ),
+    "aortic_abnormality": (
+        (r"tortu|ectat|ectasia|unfold", "tortuous"),
+        (r"calcifi|atheroscl|atheromatous", "calcified"),
+    ),
+}
+_LATERAL_OBS = {
+    "lung_opacity",
+    "lung_lesion",
+    "consolidation",
+    "pneumonia",
+    "atelectasis",
+    "pneumothorax",
+    "pleural_effusion",
+    "pleural_other",
+    "fracture",
+    "calcified_granuloma",
+    "edema",
+}
+_ZONE_OBS = {
+    "lung_opacity",
+    "lung_lesion",
+    "consolidation",
+    "pneumonia",
+    "atelectasis",
+    "calcified_granuloma",
+    "pleural_other",
+    "edema",
+}
+_SEVERITY_OBS = {
+    "cardiomegaly",
+    "lung_opacity",
+    "edema",
+    "consolidation",
+    "atelectasis",
+    "pneumothorax",
+    "pleural_effusion",
+    "hyperinflation",
+    "scoliosis",
+    "degenerative_spine",
+    "enlarged_cardiomediastinum",
+    "pleural_other",
+    "pneumonia",
+    "aortic_abnormality",
+    "hiatal_hernia",
+}
+
+_STATUS_RANK = {"negative": 0, "uncertain": 1, "positive": 2}
+
+
+def _compile(patterns: tuple[str, ...]) -> re.Pattern:
+    return re.compile("|".join(f"(?:{p})" for p in patterns))
+
+
+_MENTION_RE = {o: _compile(p) for o, p in MENTIONS.items()}
+_NORMAL_RE = {o: _compile(p) for o, p in NORMAL_STATEMENTS.items() if p}
+_CONTEXT_RE = {o: re.compile(p) for o, p in _CONTEXT.items()}
+_NOT_MENTION_RE = _compile(_NOT_MENTIONS)
+_NORMAL_STUDY_RE = _compile(NORMAL_STUDY)
+_PRE_NEG_RE = _compile(PRE_NEG)
+_POST_NEG_RE = _compile(POST_NEG)
+_UNCERTAIN_RE = _compile(UNCERTAIN)
+_SEVERITY_RE = [(re.compile(p), s) for p, s in _SEVERITY]
+_ZONE_RE = [(re.compile(p), z) for p, z in _ZONES]
+_SUBTYPE_RE = {o: [(re.compile(p), s) for p, s in t] for o, t in _SUBTYPES.items()}
+
+
+@dataclass(frozen=True)
+class Mention:
+    observation: str
+    status: str
+    clause: str
+    start: int  # span of the mention in the clause
+    end: int
+
+
+def clean(text: str) -> str:
+    """Lower case, one space between words, de-identification marks reduced to one word."""
+    t = text.lower().replace("x-xxxx", "x-ray")
+    t = re.sub(r"x{3,}", "xxxx", t)
+    t = re.sub(r"(?:xxxx[ ,]*){2,}", "xxxx ", t)
+    return re.sub(r"\s+", " ", t).strip()
+
+
+def sentences(text: str) -> list[str]:
+    """Sentences of cleaned text: cut at '.', ';', '?', '!' (not inside numbers like 1.5) and newlines."""
+    parts = re.split(r"(?<!\d)[.;?!](?!\d)|\n", text)
+    return [p.strip(" ,:-") for p in parts if p.strip(" ,:-")]
+
+
+def clauses(sentence: str) -> list[str]:
+    """A sentence cut at words that end a negation scope; each piece keeps its breaking word."""
+    cuts = [m.start() for m in _SCOPE_BREAK.finditer(sentence) if m.start() > 0]
+    bounds = [0, *cuts, len(sentence)]
+    return [sentence[a:b].strip() for a, b in zip(bounds, bounds[1:], strict=False) if sentence[a:b].strip()]
+
+
+def _negated_before(clause: str, start: int) -> bool:
+    """A pre-negation trigger before `start` whose scope reaches it (lists via commas allowed)."""
+    head = clause[:start]
+    triggers = list(_PRE_NEG_RE.finditer(head))
+    if not triggers:
+        return False
+    between = head[triggers[-1].end() :]
+    # Each comma-separated piece after the trigger must be a list item, not a new statement.
+    return all(not _NEW_STATEMENT.match(piece) for piece in between.split(",")[1:])
+
+
+def _status(clause: str, start: int, end: int) -> str:
+    # "cannot exclude", "not ruled out": the negation words inside belong to the uncertainty.
+    masked = _UNCERTAIN_RE.sub(lambda m: "_" * len(m.group()), clause)
+    tail = masked[end:]
+    if _negated_before(masked, start) or _POST_NEG_RE.match(tail.strip()):
+        return "negative"
+    if _UNCERTAIN_RE.search(clause):
+        return "uncertain"
+    return "positive"
+
+
+def mentions(text: str) -> list[Mention]:
+    """Every mention of every observation in the text, with its status."""
+    found: list[Mention] = []
+    for sent in sentences(clean(text)):
+        for clause in clauses(sent):
+            blanked = _NOT_MENTION_RE.sub(lambda m: " " * len(m.group()), clause)
+            for obs, rx in _MENTION_RE.items():
+                if obs in _CONTEXT_RE and not _CONTEXT_RE[obs].search(sent):
+                    continue
+                for m in rx.finditer(blanked):
+                    found.append(
+                        Mention(obs, _status(clause, m.start(), m.end()), clause, m.start(), m.end())
+                    )
+        for obs, rx in _NORMAL_RE.items():
+            for m in rx.finditer(sent):
+                found.append(Mention(obs, "negative", sent, m.start(), m.end()))
+    return found
+
+
+def says_normal(text: str) -> bool:
+    return any(_NORMAL_STUDY_RE.search(s) for s in sentences(clean(text)))
+
+
+def _attributes(obs: str, clause: str) -> dict:
+    attrs: dict = {}
+    if obs in _LATERAL_OBS:
+        if _BILATERAL.search(clause) or (_LEFT.search(clause) and _RIGHT.search(clause)):
+            attrs["laterality"] = "bilateral"
+        elif _LEFT.search(clause):
+            attrs["laterality"] = "left"
+        elif _RIGHT.search(clause):
+            attrs["laterality"] = "right"
+    if obs in _SEVERITY_OBS:
+        attrs["severity"] = next((s for rx, s in _SEVERITY_RE if rx.search(clause)), None)
+    if obs in _ZONE_OBS:
+        attrs["zone"] = next((z for rx, z in _ZONE_RE if rx.search(clause)), None)
+    if obs in _SUBTYPE_RE:
+        attrs["subtype"] = next((s for rx, s in _SUBTYPE_RE[obs] if rx.search(clause)), None)
+        if obs == "fracture" and attrs["subtype"] is None:
+            attrs["subtype"] = "other"
+        if obs == "support_devices" and attrs["subtype"] is None:
+            attrs["subtype"] = "other"
+    return {k: v for k, v in attrs.items() if v is not None}
+
+
+def label_report(text: str) -> Findings:
+    """Observations the text mentions, each positive / negative / uncertain with its attributes."""
+    best: dict[str, Mention] = {}
+    for m in mentions(text):
+        cur = best.get(m.observation)
+        if cur is None or _STATUS_RANK[m.status] > _STATUS_RANK[cur.status]:
+            best[m.observation] = m
+    findings: Findings = {
+        obs: Finding(obs, m.status, **(_attributes(obs, m.clause) if m.status != "negative" else {}))
+        for obs, m in best.items()
+    }
+    abnormal = any(f.status != "negative" for o, f in findings.items() if o != "support_devices")
+    if not abnormal and (findings or says_normal(text)):
+        findings["no_finding"] = Finding("no_finding", "positive")
+    return findings

@@ -1,0 +1,149 @@
+"""`echocxr data validate-labeler`: score the rule-based labeler against the IU MeSH codes.
+
+The IU MeSH `major` terms were coded by people from each report; `mesh_to_findings` turns them
+into positive findings. An observation counts as MeSH-positive when a term maps to it and as
+not-positive otherwise (MeSH codes no negatives). The labeler reads FINDINGS + IMPRESSION and
+counts as positive only its `positive` labels (uncertain ones are scored separately as a
+sensitivity check). Studies whose id ends in 0 or 1 are a held-out part that was never looked at
+while writing the rules; the rest is the tuning part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import tarfile
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+from echocxr.data.labeler import label_report
+from echocxr.data.mesh import mesh_to_findings
+from echocxr.data.observations import OBSERVATIONS
+from echocxr.errors import UserError
+
+HELD_OUT_DIGITS = ("0", "1")  # last digit of the IU study number
+MIN_SUPPORT = 40  # the macro-F1 target is over observations with at least this many MeSH positives
+
+
+@dataclass(frozen=True)
+class IUReport:
+    study_id: str  # "CXR123"
+    findings: str
+    impression: str
+    mesh: tuple[str, ...]
+
+    @property
+    def held_out(self) -> bool:
+        return self.study_id[-1] in HELD_OUT_DIGITS
+
+
+def _text(node: ET.Element | None) -> str:
+    return " ".join((node.text or "").split()) if node is not None else ""
+
+
+def parse_iu_report(data: bytes, name: str) -> IUReport:
+    try:
+        root = ET.fromstring(data)
+    except ET.ParseError as e:
+        raise UserError(f"{name}: not valid XML ({e})") from None
+    uid = root.find("uId")
+    if uid is None or not uid.get("id"):
+        raise UserError(f"{name}: no <uId id=...> (not an IU report)")
+    sections = {n.get("Label"): _text(n) for n in root.iter("AbstractText")}
+    mesh = tuple(t for t in (_text(m) for m in root.findall("MeSH/major")) if t)
+    return IUReport(uid.get("id"), sections.get("FINDINGS", ""), sections.get("IMPRESSION", ""), mesh)
+
+
+def read_iu_archive(path: str | Path) -> list[IUReport]:
+    """All reports of an Open-i `NLMCXR_reports.tgz`, ordered by study number."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: IU report archive not found")
+    reports = []
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                if not (member.isfile() and member.name.endswith(".xml")):
+                    continue
+                f = tar.extractfile(member)
+                if f is not None:
+                    reports.append(parse_iu_report(f.read(), f"{path}:{member.name}"))
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise UserError(f"{path}: cannot read the archive ({e})") from None
+    if not reports:
+        raise UserError(f"{path}: no IU report XML files in the archive")
+    return sorted(reports, key=lambda r: int(re.sub(r"\D", "", r.study_id) or 0))
+
+
+def _prf(tp: int, fp: int, fn: int) -> dict:
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * p * r / (p + r) if p + r else 0.0
+    return {"precision": round(p, 4), "recall": round(r, 4), "f1": round(f1, 4), "support": tp + fn}
+
+
+def score(reports: list[IUReport], count_uncertain: bool = False) -> dict:
+    """Per-observation P/R/F1/support of the labeler's positives against MeSH positives."""
+    counts = {o: [0, 0, 0] for o in OBSERVATIONS}  # tp, fp, fn
+    wanted = ("positive", "uncertain") if count_uncertain else ("positive",)
+    for rep in reports:
+        truth = set(mesh_to_findings(list(rep.mesh))[0])
+        labels = label_report(f"{rep.findings}\n{rep.impression}")
+        pred = {o for o, f in labels.items() if f.status in wanted}
+        for o in OBSERVATIONS:
+            counts[o][0] += o in pred and o in truth
+            counts[o][1] += o in pred and o not in truth
+            counts[o][2] += o not in pred and o in truth
+    per = {o: _prf(*counts[o]) for o in OBSERVATIONS}
+    big = [o for o in OBSERVATIONS if per[o]["support"] >= MIN_SUPPORT]
+    macro = sum(per[o]["f1"] for o in big) / len(big) if big else 0.0
+    return {
+        "studies": len(reports),
+        "per_observation": per,
+        "macro_f1": round(macro, 4),
+        "macro_over": big,
+    }
+
+
+def validate(reports: list[IUReport]) -> dict:
+    tune = [r for r in reports if not r.held_out]
+    held = [r for r in reports if r.held_out]
+    return {
+        "min_support": MIN_SUPPORT,
+        "held_out_rule": f"study number ends in {' or '.join(HELD_OUT_DIGITS)}",
+        "all": score(reports),
+        "tune": score(tune),
+        "held_out": score(held),
+        "all_positive_or_uncertain": score(reports, count_uncertain=True),
+    }
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'observation':<28}{'P':>7}{'R':>7}{'F1':>7}{'support':>9}"]
+    for o, m in result["per_observation"].items():
+        lines.append(f"{o:<28}{m['precision']:>7.3f}{m['recall']:>7.3f}{m['f1']:>7.3f}{m['support']:>9d}")
+    lines.append(
+        f"macro-F1 over {len(result['macro_over'])} observations with support >= {MIN_SUPPORT}: "
+        f"{result['macro_f1']:.4f} ({result['studies']} studies)"
+    )
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--iu", required=True, help="the Open-i NLMCXR_reports.tgz archive")
+    parser.add_argument("--out", default=None, help="also write the full result as JSON here")
+
+
+def run(args: argparse.Namespace) -> int:
+    result = validate(read_iu_archive(args.iu))
+    for part in ("all", "tune", "held_out"):
+        print(f"== {part} ==")
+        print(format_table(result[part]))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {out}")
+    return 0
