@@ -251,7 +251,7 @@ def plan(cfg: PipelineConfig, opt: RunOptions) -> list[Step]:
             f"data/{tag}",
             folder,
             ["data", "build", "--iu", str(opt.iu), "--out", str(folder), "--eval-size", str(cfg.eval_size)]
-            + ["--seed", str(opt.seed)]
+            + ["--seed", str(opt.seed), "--cache-dir", str(out / "cache")]  # embeddings shared by both
             + extra,
         )
 
