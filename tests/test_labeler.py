@@ -133,6 +133,7 @@ def test_reader_errors(tmp_path):
 def test_macro_f1_on_real_archive(iu_archive):
     reports = read_iu_archive(iu_archive)
     res = validate(reports)
-    assert res["all"]["studies"] == len(reports) > 3000
-    assert res["all"]["macro_f1"] >= 0.80  # raised to the 0.85 target once the rules reach it
+    assert len(reports) > res["all"]["studies"] > 3000  # unindexed studies are not scored
+    assert res["all"]["macro_f1"] >= 0.85
+    assert res["held_out"]["macro_f1"] >= 0.85
     assert score(reports[:50])["studies"] == 50

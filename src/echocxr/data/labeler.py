@@ -39,8 +39,6 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         r"enlarge(?:d|ment of the) (?:heart|cardiac (?:silhouette|shadow|size))",
         r"(?:heart|cardiac silhouette|cardiac shadow|cardiac size|heart size|heart shadow)"
         r"(?: size)? (?:is |are |appears |remains |appear )*(?:\w+ ){0,2}enlarged",
-        r"(?:heart|cardiac) (?:size|silhouette) (?:is )?(?:at the |at )?(?:upper limits?|top)"
-        r" (?:of |to )?normal",
         r"borderline (?:heart size|cardiac size|enlarge\w+|cardiomegaly)",
         r"(?:heart|cardiac) size (?:is )?(?:borderline|upper normal|mildly increased|increased|large)",
         r"prominen(?:t|ce of the) (?:heart|cardiac silhouette)",
@@ -93,8 +91,8 @@ MENTIONS: dict[str, tuple[str, ...]] = {
     "pleural_effusion": (
         r"(?<!pericardial )" + _EFF,
         r"hydrothorax",
-        r"(?:blunt\w*|obliterat\w*) (?:of )?(?:the )?(?:\w+ )?(?:costophrenic|cp) (?:angle|sulcus|sulci)",
-        r"(?:costophrenic|cp) (?:angle|angles|sulcus|sulci) (?:is |are )?(?:\w+ )?blunt\w*",
+        r"(?:blunt\w*|obliterat\w*) (?:of )?(?:the )?(?:\w+ ){0,3}(?:costophrenic|cp\b|sulcus|sulci)",
+        r"(?:costophrenic|\bcp|sulcus|sulci)\b(?: \w+){0,2}? blunt\w*",
         r"pleural fluid",
     ),
     "pleural_other": (
@@ -112,13 +110,13 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         r"endotracheal|\bet tube|\bett\b|tracheostomy",
         r"(?:nasogastric|orogastric|feeding|enteric|\bng|\bog|dobhoff|gastric) tube",
         r"chest tubes?|pleural (?:drain|catheter)|thoracostomy",
-        r"stents?\b|\blines?\b(?! of)|vagal nerve stimulator|loop recorder|\bleads?\b",
+        r"\bstents?\b|\blines?\b(?! of)|vagal nerve stimulator|loop recorder|\bleads?\b",
     ),
     "calcified_granuloma": (
         r"granulomas?",
         r"granulomatous",
         r"calcified (?:nodules?|lymph nodes?|nodes?|densit\w+|foc\w+)",
-        r"calcified (?:hilar|mediastinal|right|left|\w+) (?:lymph )?(?:nodes?|nodules?)",
+        r"calcified (?:\w+ ){0,3}(?:lymph )?(?:nodes?|nodules?)|calcified (?:\w+ ){0,3}lymph xxxx",
         r"calcifications? (?:in|of|within) the (?:\w+ ){0,3}(?:lung|lobe|hil\w+|lymph nodes?)",
         r"(?:hilar|mediastinal|pulmonary|parenchymal|nodal) calcifications?",
     ),
@@ -145,6 +143,7 @@ MENTIONS: dict[str, tuple[str, ...]] = {
     "degenerative_spine": (
         r"spondylo\w+",
         r"osteophyt\w+",
+        r"spurs?\b|spurring|bridging|endplate",
         r"degenerative",
         r"\bdjd\b",
         r"(?:disc|disk) (?:space )?(?:narrowing|disease)",
@@ -168,6 +167,10 @@ _CONTEXT: dict[str, str] = {
     r"disc|disk|endplate|djd|dish\b|skeletal",
     "aortic_abnormality": r"aort|arch|knob|atheroscl|atheromatous",
     "hiatal_hernia": r"hiatal|hiatus|hernia",
+}
+# Mentions dropped when their sentence matches (a "nodular density" that is a nipple shadow).
+_EXCLUDE: dict[str, str] = {
+    "lung_lesion": r"nipple",
 }
 # Mentions that are something else: matched spans are blanked before mention search.
 _NOT_MENTIONS: tuple[str, ...] = (
@@ -280,7 +283,7 @@ UNCERTAIN = (
     r"suspicio\w+",
     r"suspect\w*",
     r"concern\w* (?:for|of)",
-    r"suggest\w*",
+    r"suggest\w* (?:the )?(?:possibility|differential)",
     r"\bequivocal\b",
     r"indeterminate",
     r"\bor\b (?:less likely )?(?:early |developing |superimposed )?(?:pneumonia|infection|atelectasis|"
@@ -303,7 +306,7 @@ _SCOPE_BREAK = re.compile(
 _NEW_STATEMENT = re.compile(
     r"^\s*(?:and )?(?:mild\w*|minimal|small|moderate\w*|large|severe\w*|marked\w*|slight\w*|"
     r"trace|stable|unchanged|persistent|new|left|right|bilateral|the|a|an|there|heart|lungs?|"
-    r"with|which|\w+ (?:is|are|was|were|has|have)\b)"
+    r"with|which|\w+ (?:is|are|was|were|has|have))\b"
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -413,10 +416,12 @@ def _compile(patterns: tuple[str, ...]) -> re.Pattern:
 _MENTION_RE = {o: _compile(p) for o, p in MENTIONS.items()}
 _NORMAL_RE = {o: _compile(p) for o, p in NORMAL_STATEMENTS.items() if p}
 _CONTEXT_RE = {o: re.compile(p) for o, p in _CONTEXT.items()}
+_EXCLUDE_RE = {o: re.compile(p) for o, p in _EXCLUDE.items()}
 _NOT_MENTION_RE = _compile(_NOT_MENTIONS)
 _NORMAL_STUDY_RE = _compile(NORMAL_STUDY)
 _PRE_NEG_RE = _compile(PRE_NEG)
-_POST_NEG_RE = _compile(POST_NEG)
+# A post-negation may follow the mention after a few words ("tube and NG tube have been removed").
+_POST_NEG_RE = re.compile(r"^\s*(?:[\w/-]+ ){0,4}?(?:" + "|".join(f"(?:{p})" for p in POST_NEG) + ")")
 _UNCERTAIN_RE = _compile(UNCERTAIN)
 _SEVERITY_RE = [(re.compile(p), s) for p, s in _SEVERITY]
 _ZONE_RE = [(re.compile(p), z) for p, z in _ZONES]
@@ -442,7 +447,8 @@ def clean(text: str) -> str:
 
 def sentences(text: str) -> list[str]:
     """Sentences of cleaned text: cut at '.', ';', '?', '!' (not inside numbers like 1.5) and newlines."""
-    parts = re.split(r"(?<!\d)[.;?!](?!\d)|\n", text)
+    parts = re.split(r"[.;?!](?!\d)|\n", text)
+    parts = [re.sub(r"^\s*\d+\s*$|^\s*\d+[.)]\s", "", p) for p in parts]  # list numbers "1." "2)"
     return [p.strip(" ,:-") for p in parts if p.strip(" ,:-")]
 
 
@@ -460,7 +466,10 @@ def _negated_before(clause: str, start: int) -> bool:
     if not triggers:
         return False
     between = head[triggers[-1].end() :]
-    # Each comma-separated piece after the trigger must be a list item, not a new statement.
+    # "no A, large B, or C": an "or"/"nor" later in the clause shows the commas separate a list.
+    if re.search(r"\b(?:or|nor)\b", clause[triggers[-1].end() :]):
+        return True
+    # Otherwise each comma-separated piece after the trigger must not start a new statement.
     return all(not _NEW_STATEMENT.match(piece) for piece in between.split(",")[1:])
 
 
@@ -468,7 +477,8 @@ def _status(clause: str, start: int, end: int) -> str:
     # "cannot exclude", "not ruled out": the negation words inside belong to the uncertainty.
     masked = _UNCERTAIN_RE.sub(lambda m: "_" * len(m.group()), clause)
     tail = masked[end:]
-    if _negated_before(masked, start) or _POST_NEG_RE.match(tail.strip()):
+    inside = re.search(r"\b(?:not|no|without)\b", clause[start:end])  # "heart is not enlarged"
+    if inside or _negated_before(masked, start) or _POST_NEG_RE.match(tail):
         return "negative"
     if _UNCERTAIN_RE.search(clause):
         return "uncertain"
@@ -483,6 +493,8 @@ def mentions(text: str) -> list[Mention]:
             blanked = _NOT_MENTION_RE.sub(lambda m: " " * len(m.group()), clause)
             for obs, rx in _MENTION_RE.items():
                 if obs in _CONTEXT_RE and not _CONTEXT_RE[obs].search(sent):
+                    continue
+                if obs in _EXCLUDE_RE and _EXCLUDE_RE[obs].search(sent):
                     continue
                 for m in rx.finditer(blanked):
                     found.append(
