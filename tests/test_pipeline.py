@@ -94,7 +94,7 @@ def test_plan_covers_every_decoder_and_the_ablation(tmp_path):
         "rad_b8 onestep (undistilled)",
         "dcd_b8 onestep vanilla",
         "dcd_b8 onestep fused",
-        "ablation_orig dcd_b4 onestep fused",
+        "original text: dcd_b4 onestep fused",
     ):
         assert want in labels
     assert "rad_b4 block K=8" not in labels  # K <= B
