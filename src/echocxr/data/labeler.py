@@ -38,10 +38,14 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         r"cardiac (?:enlargement|hypertrophy)",
         r"enlarge(?:d|ment of the) (?:heart|cardiac (?:silhouette|shadow|size))",
         r"(?:heart|cardiac silhouette|cardiac shadow|cardiac size|heart size|heart shadow)"
-        r"(?: size)? (?:is |are |appears |remains |appear )*(?:\w+ ){0,2}enlarged",
+        r"(?: size)? (?:is |are |appears |remains |appear )*(?:\w+ ){0,3}enlarged",
         r"borderline (?:heart size|cardiac size|enlarge\w+|cardiomegaly)",
+        r"(?:increase|enlargement) (?:in|of) (?:the )?(?:size of the )?(?:heart|cardiac silhouette)(?: size)?",
+        r"heart enlargement",
         r"(?:heart|cardiac) size (?:is )?(?:borderline|upper normal|mildly increased|increased|large)",
         r"prominen(?:t|ce of the) (?:heart|cardiac silhouette)",
+        r"(?:heart|cardiac silhouette)(?: size)? (?:is |remains |appears )?(?:\w+ ){0,3}(?:large|prominent)\b",
+        r"(?:heart|cardiac silhouette|heart size) (?:is )?borderline(?: in size| enlarged)?",
     ),
     "enlarged_cardiomediastinum": (
         r"(?:widen\w*|enlarge\w*) (?:of the )?(?:superior )?mediastin\w*",
@@ -70,6 +74,8 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         r"cephali[sz]ation",
         r"(?:pulmonary )?vascular (?:congestion|engorgement|redistribution)",
         r"kerley",
+        r"heart failure|volume overload",
+        r"venous (?:engorgement|hypertension)",
     ),
     "consolidation": (
         r"consolidat\w*",
@@ -110,7 +116,8 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         r"endotracheal|\bet tube|\bett\b|tracheostomy",
         r"(?:nasogastric|orogastric|feeding|enteric|\bng|\bog|dobhoff|gastric) tube",
         r"chest tubes?|pleural (?:drain|catheter)|thoracostomy",
-        r"\bstents?\b|\blines?\b(?! of)|vagal nerve stimulator|loop recorder|\bleads?\b",
+        r"\bstents?\b|\blines?\b(?! of)|stimulator|loop recorder|\bleads?\b|medical device|"
+        r"shunt tubing|gastrostomy|nephrostomy|\btips\b|closure device",
     ),
     "calcified_granuloma": (
         r"granulomas?",
@@ -126,7 +133,8 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         r"over-?inflat\w*|over-?expan\w*",
         r"emphysema\w*",
         r"\bcopd\b|chronic obstructive",
-        r"(?:flatten\w*|flat) (?:of )?(?:the )?(?:hemi)?diaphragms?",
+        r"(?:flatten\w*|flat) (?:of )?(?:the )?(?:\w+ )?(?:hemi)?diaphragms?",
+        r"large lung volumes|over[- ]?expanded|(?:retrosternal|substernal) (?:air ?space|clear space)",
         r"(?:hemi)?diaphragms? (?:are |is )?(?:\w+ )?flat\w*",
         r"hyperluc\w+",
         r"increased (?:ap|anteroposterior) diameter",
@@ -139,9 +147,14 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         r"median sternal",
     ),
     "hiatal_hernia": (r"hiatal hernia", r"hiatus hernia", r"hernia"),
-    "scoliosis": (r"scolio\w+", r"(?:dextro|levo)-?convex curv\w+", r"curvature of the (?:\w+ )?spine"),
+    "scoliosis": (
+        r"scolio\w+",
+        r"(?:dextro|levo)-?(?:convex )?curv\w+",
+        r"curvature (?:of )?(?:the )?(?:\w+ )?spine|(?:spine|spinal|thoracic|thoracolumbar) (?:\w+ )?curvature",
+    ),
     "degenerative_spine": (
         r"spondylo\w+",
+        r"senescent",
         r"osteophyt\w+",
         r"spurs?\b|spurring|bridging|endplate",
         r"degenerative",
@@ -510,19 +523,26 @@ def says_normal(text: str) -> bool:
     return any(_NORMAL_STUDY_RE.search(s) for s in sentences(clean(text)))
 
 
+def laterality(text: str) -> str | None:
+    if _BILATERAL.search(text) or (_LEFT.search(text) and _RIGHT.search(text)):
+        return "bilateral"
+    if _LEFT.search(text):
+        return "left"
+    return "right" if _RIGHT.search(text) else None
+
+
+def zone(text: str) -> str | None:
+    return next((z for rx, z in _ZONE_RE if rx.search(text)), None)
+
+
 def _attributes(obs: str, clause: str) -> dict:
     attrs: dict = {}
     if obs in _LATERAL_OBS:
-        if _BILATERAL.search(clause) or (_LEFT.search(clause) and _RIGHT.search(clause)):
-            attrs["laterality"] = "bilateral"
-        elif _LEFT.search(clause):
-            attrs["laterality"] = "left"
-        elif _RIGHT.search(clause):
-            attrs["laterality"] = "right"
+        attrs["laterality"] = laterality(clause)
     if obs in _SEVERITY_OBS:
         attrs["severity"] = next((s for rx, s in _SEVERITY_RE if rx.search(clause)), None)
     if obs in _ZONE_OBS:
-        attrs["zone"] = next((z for rx, z in _ZONE_RE if rx.search(clause)), None)
+        attrs["zone"] = zone(clause)
     if obs in _SUBTYPE_RE:
         attrs["subtype"] = next((s for rx, s in _SUBTYPE_RE[obs] if rx.search(clause)), None)
         if obs == "fracture" and attrs["subtype"] is None:
@@ -539,10 +559,12 @@ def label_report(text: str) -> Findings:
         cur = best.get(m.observation)
         if cur is None or _STATUS_RANK[m.status] > _STATUS_RANK[cur.status]:
             best[m.observation] = m
-    findings: Findings = {
-        obs: Finding(obs, m.status, **(_attributes(obs, m.clause) if m.status != "negative" else {}))
-        for obs, m in best.items()
-    }
+    findings: Findings = {}
+    for obs, m in best.items():
+        # Severity words inside the mention ("the heart is large") name the finding, not its grade.
+        clause = m.clause[: m.start] + m.clause[m.start : m.end].replace("large", "") + m.clause[m.end :]
+        attrs = _attributes(obs, clause) if m.status != "negative" else {}
+        findings[obs] = Finding(obs, m.status, **attrs)
     abnormal = any(f.status != "negative" for o, f in findings.items() if o != "support_devices")
     if not abnormal and (findings or says_normal(text)):
         findings["no_finding"] = Finding("no_finding", "positive")

@@ -151,16 +151,38 @@ def format_table(result: dict) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iu", required=True, help="the Open-i NLMCXR_reports.tgz archive")
     parser.add_argument("--out", default=None, help="also write the full result as JSON here")
+    parser.add_argument(
+        "--zh-coverage",
+        action="store_true",
+        help="also normalize every report and count how many the Chinese renderer translates",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    result = validate(read_iu_archive(args.iu))
+    reports = read_iu_archive(args.iu)
+    result = validate(reports)
     for part in ("all", "tune", "held_out"):
         print(f"== {part} ==")
         print(format_table(result[part]))
+    if args.zh_coverage:
+        result["zh_coverage"] = zh_coverage(reports)
+        c = result["zh_coverage"]
+        print(f"Chinese rendering: {c['translated']}/{c['reports']} normalized reports ({c['coverage']:.1%})")
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {out}")
     return 0
+
+
+def zh_coverage(reports: list[IUReport]) -> dict:
+    """Share of IU reports whose normalized version `render_zh` translates (the rest are None)."""
+    from echocxr.data.normalize import normalize_report
+    from echocxr.data.zh import render_zh
+
+    done = 0
+    for rep in reports:
+        labels = label_report(f"{rep.findings}\n{rep.impression}")
+        done += render_zh(normalize_report(rep.findings, rep.impression, labels), labels) is not None
+    return {"reports": len(reports), "translated": done, "coverage": round(done / max(len(reports), 1), 4)}

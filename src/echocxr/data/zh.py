@@ -20,7 +20,13 @@ from dataclasses import replace
 from functools import lru_cache
 
 from echocxr.data.labeler import label_report
-from echocxr.data.normalize import NEGATIVE_SENTENCES, NO_ACUTE, finding_sentence
+from echocxr.data.normalize import (
+    NEGATIVE_SENTENCES,
+    NO_ACUTE,
+    finding_sentence,
+    healed_sentence,
+    located_sentence,
+)
 from echocxr.data.observations import LATERALITIES, SEVERITIES, SUBTYPES, ZONES, Finding, Findings
 
 _LAT = {"left": "左", "right": "右", "bilateral": "双"}
@@ -60,12 +66,50 @@ PHRASES: dict[str, str] = {
     "No acute osseous abnormality.": "未见急性骨质异常。",
     "The trachea is midline.": "气管居中。",
     "The pulmonary vascularity is normal.": "肺血管纹理正常。",
-    "The soft tissues are unremarkable.": "软组织未见异常。",
     "The upper abdomen is unremarkable.": "上腹部未见异常。",
-    "No interval change.": "与前片比较无明显变化。",
-    "Stable examination.": "检查结果稳定。",
+    "No free air under the diaphragm.": "膈下未见游离气体。",
+    "Low lung volumes.": "肺容积减低。",
+    "Low lung volumes with bronchovascular crowding.": "肺容积减低，支气管血管影聚拢。",
+    "Elevated left hemidiaphragm.": "左侧膈肌抬高。",
+    "Elevated right hemidiaphragm.": "右侧膈肌抬高。",
+    "Eventration of the left hemidiaphragm.": "左侧膈膨升。",
+    "Eventration of the right hemidiaphragm.": "右侧膈膨升。",
+    "The heart size is at the upper limit of normal.": "心影大小处于正常上限。",
     "Surgical clips in the upper abdomen.": "上腹部可见手术夹。",
+    "Pectus carinatum.": "鸡胸。",
+    "Pectus excavatum.": "漏斗胸。",
+    "Osteopenia.": "骨质减少。",
+    "Vascular calcification.": "血管钙化。",
+    "Arthritic changes of the skeletal structures.": "骨关节退行性改变。",
+    "Kyphosis.": "脊柱后凸。",
     "Surgical clips are present.": "可见手术夹。",
+    "Postsurgical changes.": "术后改变。",
+    "Radiopaque foreign body.": "可见高密度异物影。",
+    "Nipple shadows.": "乳头影。",
+    "Degenerative joint disease.": "关节退行性变。",
+    "Prominent hila.": "肺门影增浓。",
+    "Prominent central pulmonary arteries.": "中央肺动脉增粗。",
+    "Chronic interstitial lung disease.": "慢性间质性肺疾病。",
+    "Clinical correlation is recommended.": "建议结合临床。",
+    "Further evaluation with CT is recommended.": "建议行CT进一步检查。",
+    "Follow-up imaging is recommended.": "建议影像学随访。",
+    "Old rib deformity.": "陈旧性肋骨畸形。",
+    "Vertebral body deformity.": "椎体变形。",
+    "Postsurgical changes of the spine.": "脊柱术后改变。",
+    "Prosthetic or calcified cardiac valve.": "人工或钙化心脏瓣膜。",
+    "Prosthesis.": "可见假体。",
+    "Prominent epicardial fat.": "心外膜脂肪垫显著。",
+    "Pericardial effusion.": "心包积液。",
+    "Lymphadenopathy.": "淋巴结肿大。",
+    "Azygos fissure.": "奇裂。",
+    "Free air under the diaphragm.": "膈下游离气体。",
+    "Bronchial wall thickening.": "支气管壁增厚。",
+    "Prominent pulmonary vasculature.": "肺血管影增粗。",
+    "Increased interstitial markings.": "肺间质纹理增多。",
+    "Degenerative changes.": "退行性改变。",
+    "Scattered calcifications.": "散在钙化灶。",
+    "Bronchovascular crowding.": "支气管血管影聚拢。",
+    "Prominent mediastinal contour.": "纵隔轮廓突出。",
 }
 
 _DEVICE = {
@@ -84,6 +128,34 @@ def _loc(f: Finding) -> str:
     if not f.laterality and not f.zone:
         return ""
     return (_LAT[f.laterality] if f.laterality else "") + (_ZONE[f.zone] if f.zone else "") + "肺"
+
+
+# Out-of-vocabulary findings the normalizer writes with a location: noun -> (after a place, alone).
+_LOCATED_ZH = {"scarring": ("瘢痕", "肺部瘢痕"), "volume loss": ("体积缩小", "肺体积缩小")}
+
+
+def _located_phrases() -> dict[str, str]:
+    out = {}
+    for noun, (zh, zh_alone) in _LOCATED_ZH.items():
+        for lat, zone in itertools.product((None, *LATERALITIES), (None, *ZONES)):
+            where = _loc(Finding("lung_opacity", "positive", lat, None, zone))
+            out[located_sentence(noun, lat, zone)] = (where + zh if where else zh_alone) + "。"
+    return out
+
+
+PHRASES.update(_located_phrases())
+
+
+def _hedged_phrases() -> dict[str, str]:
+    """ "Possible pericardial effusion." for the phrases that state a finding (the normalizer hedges them)."""
+    return {
+        "Possible " + en[0].lower() + en[1:]: "可能" + zh
+        for en, zh in PHRASES.items()
+        if not en.startswith(("No ", "The ", "Possible ")) and "recommended" not in en
+    }
+
+
+PHRASES.update(_hedged_phrases())
 
 
 def finding_zh(f: Finding) -> str:
@@ -167,6 +239,11 @@ def sentence_zh(sentence: str) -> str | None:
         return PHRASES[sentence]
     if sentence in _NEGATIVE_EN_TO_ZH:
         return _NEGATIVE_EN_TO_ZH[sentence]
+    if sentence.startswith("Healed "):
+        rest = sentence[len("Healed ") :]
+        f = _structured(rest[0].upper() + rest[1:])
+        ok = f is not None and f.observation == "fracture" and f.status == "positive"
+        return "陈旧性" + finding_zh(f) if ok else None
     f = _structured(sentence)
     return finding_zh(f) if f is not None else None
 
@@ -207,7 +284,8 @@ def _zh_index() -> dict[str, str]:
     """Every Chinese sentence the renderer can write -> its English sentence."""
     index: dict[str, str] = {}
     for en, zh in PHRASES.items():
-        index[zh] = en
+        if index.setdefault(zh, en) != en:
+            raise AssertionError(f"two English phrases render as {zh}")
     for en, zh in _NEGATIVE_EN_TO_ZH.items():
         index[zh] = en
     from echocxr.data.observations import OBSERVATIONS
@@ -224,7 +302,12 @@ def _zh_index() -> dict[str, str]:
             subtypes,
         ):
             f = Finding(o, status, lat, sev, zone, sub)
-            index.setdefault(finding_zh(f), finding_sentence(f))
+            pairs = [(finding_zh(f), finding_sentence(f))]
+            if o == "fracture" and status == "positive":
+                pairs.append(("陈旧性" + finding_zh(f), healed_sentence(f)))
+            for zh, en in pairs:
+                if index.setdefault(zh, en) != en:
+                    raise AssertionError(f"{index[zh]!r} and {en!r} both render as {zh}")
     return index
 
 
