@@ -119,3 +119,18 @@ def test_real_archive_sample(iu_archive):
         text = out["findings"] + out["impression"]
         assert "xxxx" not in text.lower()
         assert out["findings"] and out["impression"]
+
+
+def test_docs_example():
+    """The before/after example of docs/LABELER.md."""
+    out = normalize_report(
+        "Stable mild cardiomegaly. There are no XXXX of a pleural effusion. Low lung volumes, "
+        "otherwise clear. Old healed right rib fractures. Cholecystectomy clips.",
+        "No acute disease.",
+    )
+    assert out == {
+        "findings": "Mild cardiomegaly. Healed right rib fracture. Low lung volumes. Surgical clips in the "
+        "upper abdomen. No pulmonary edema. No focal consolidation. No pneumothorax. No pleural "
+        "effusion. No acute fracture.",
+        "impression": "Mild cardiomegaly. Healed right rib fracture.",
+    }

@@ -200,6 +200,8 @@ _NOT_MENTIONS: tuple[str, ...] = (
     r"tortuous (?:\w+ )?(?:trachea|vessels?|vasculature|artery|arteries|brachiocephalic)",
     r"tortuosity of the (?:\w+ )?(?:trachea|vessels?|brachiocephalic|great vessels)",
     r"bony lesions?",
+    # a broken device part is not a bone fracture (only the word "fracture" is blanked)
+    r"fractur\w*(?= (?:\w+ ){0,3}(?:leads?|wires?|xxxx))|(?<=lead )fractur\w*|(?<=wire )fractur\w*",
     r"skin (?:lines?|folds?)",
     r"(?:nasogastric|ng) tube",  # re-added by the device table; keeps "tube" out of other tables
 )
