@@ -112,12 +112,12 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         r"pacemaker|pacer|\baicd\b|\bicd\b|defibrillator|cardiac (?:device|generator)|"
         r"(?:pacing|pacemaker|cardiac) leads?",
         r"picc|central (?:venous )?(?:line|catheter)|venous catheter|port-?a-?cath|"
-        r"(?:chest |venous |central |power )?port\b|swan|\bcatheter|\bdialysis catheter",
+        r"(?:chest |venous |central |power )?\bport\b|\bswan|\bcatheter|\bdialysis catheter",
         r"endotracheal|\bet tube|\bett\b|tracheostomy",
         r"(?:nasogastric|orogastric|feeding|enteric|\bng|\bog|dobhoff|gastric) tube",
         r"chest tubes?|pleural (?:drain|catheter)|thoracostomy",
         r"\bstents?\b|\blines?\b(?! of)|stimulator|loop recorder|\bleads?\b|medical device|"
-        r"shunt tubing|gastrostomy|nephrostomy|\btips\b|closure device",
+        r"shunt tubing|gastrostomy|nephrostomy|\btips\b|closure device|support devices?",
     ),
     "calcified_granuloma": (
         r"granulomas?",
@@ -236,16 +236,16 @@ NORMAL_STATEMENTS: dict[str, tuple[str, ...]] = {
 }
 # Statements that the whole study is normal.
 NORMAL_STUDY = (
-    r"no (?:\w+ )?(?:acute|active) (?:\w+ )?(?:cardiopulmonary|cardiac|pulmonary|intrathoracic|"
-    r"chest|thoracic|lung|osseous)?(?: or (?:\w+ ))?(?: disease| abnormality| abnormalities| process|"
-    r"findings?| pathology| change)",
-    r"normal (?:pa and lateral |frontal and lateral |two view |2 view )?(?:chest|study|exam\w*|radiograph)",
-    r"no (?:radiographic )?evidence of (?:acute )?(?:cardiopulmonary )?disease",
+    r"(?:\bno|negative for|without)\b(?: [\w/,-]+){0,6}? (?:acute|active)\b(?: [\w/,-]+){0,5}? "
+    r"(?:disease|abnormalit\w+|process|findings?|pathology|change)",
+    r"normal (?:pa and lateral |frontal and lateral |two view |2 view )?(?:chest|study|exam\w*|radiograph|x-ray)",
+    r"no (?:radiographic )?evidence of (?:acute |active )?(?:cardiopulmonary )?disease",
     r"(?:chest|lungs?) (?:is |are )?(?:radiographically )?normal",
     r"no (?:acute )?(?:cardiopulmonary )?(?:abnormality|abnormalities)",
     r"within normal limits",
     r"negative (?:chest|study|exam)",
-    r"unremarkable (?:chest|study|exam)",
+    r"unremarkable (?:chest|study|exam|radiographs? of the chest)",
+    r"(?:lungs|pleura)\b[^.]{0,60} (?:are|is) (?:all )?(?:normal|unremarkable)$",
 )
 
 # ---------------------------------------------------------------------------------------------

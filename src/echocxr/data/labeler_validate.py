@@ -167,7 +167,10 @@ def run(args: argparse.Namespace) -> int:
     if args.zh_coverage:
         result["zh_coverage"] = zh_coverage(reports)
         c = result["zh_coverage"]
-        print(f"Chinese rendering: {c['translated']}/{c['reports']} normalized reports ({c['coverage']:.1%})")
+        print(
+            f"Chinese rendering: {c['translated']}/{c['reports']} normalized reports ({c['coverage']:.1%}); "
+            f"{c['empty_after_normalization']} reports had nothing readable"
+        )
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -177,12 +180,25 @@ def run(args: argparse.Namespace) -> int:
 
 
 def zh_coverage(reports: list[IUReport]) -> dict:
-    """Share of IU reports whose normalized version `render_zh` translates (the rest are None)."""
+    """Share of normalized IU reports that `render_zh` translates (the rest are None).
+
+    Reports whose normalized text is empty (nothing readable) are counted apart.
+    """
     from echocxr.data.normalize import normalize_report
     from echocxr.data.zh import render_zh
 
-    done = 0
+    done = empty = 0
     for rep in reports:
         labels = label_report(f"{rep.findings}\n{rep.impression}")
-        done += render_zh(normalize_report(rep.findings, rep.impression, labels), labels) is not None
-    return {"reports": len(reports), "translated": done, "coverage": round(done / max(len(reports), 1), 4)}
+        norm = normalize_report(rep.findings, rep.impression, labels)
+        if not norm["findings"]:
+            empty += 1  # nothing readable: the corpus build drops these
+            continue
+        done += render_zh(norm, labels) is not None
+    n = len(reports) - empty
+    return {
+        "reports": n,
+        "empty_after_normalization": empty,
+        "translated": done,
+        "coverage": round(done / max(n, 1), 4),
+    }

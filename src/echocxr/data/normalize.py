@@ -252,7 +252,7 @@ _META = re.compile(
     r"informative|performed|initiated)|(?:^| )(?:knee|knees|foot|elbow|forearm|hip|humer\w*|glen\w*|"
     r"acromioclavicular|coracoclavicular|metacarp\w*|calcane\w*|colon\w*|bowel|stool|rectum|kidneys?|renal|"
     r"stomach|esophag\w*|shoulder|scapula|clavic\w*|film|projection|obese|shielded|chin|mandible|"
-    r"faxed|neck)\b|excluded clinically|should be excluded"
+    r"faxed|neck)\b|excluded clinically|should be excluded|prior report|^see\b|as above|described above"
 )
 # Words that mark an out-of-vocabulary sentence as stating something abnormal (kept), and
 # words of normal statements (not kept: the explicit negatives cover the chest).
@@ -474,6 +474,10 @@ def normalize_report(findings: str, impression: str, labels: Findings | None = N
 
     oov_f = out_of_vocabulary(findings)
     oov_i = [s for s in out_of_vocabulary(impression) if s not in oov_f]
+    if not labels and not oov_f and not oov_i and not says_normal(f"{findings}\n{impression}"):
+        # Nothing readable ("See prior report.", an empty section): writing a normal report with
+        # explicit negatives would invent findings, so the target is empty and the caller drops it.
+        return {"findings": "", "impression": ""}
     body = [sentence(f) for f in present] + oov_f + [NEGATIVE_SENTENCES[o] for o in negated]
 
     # The impression: acute findings first; chronic ones (extras, a healed fracture) after.

@@ -266,7 +266,7 @@ def render_zh(normalized: dict, labels: Findings) -> dict | None:
                 return None
             parts.append(zh)
         out[key] = "".join(parts)
-    return out
+    return out if any(out.values()) else None  # nothing to translate
 
 
 # --------------------------------------------------------------------------------------------
