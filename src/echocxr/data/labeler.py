@@ -203,9 +203,7 @@ _NOT_MENTIONS: tuple[str, ...] = (
     # a broken device part is not a bone fracture (only the word "fracture" is blanked)
     r"fractur\w*(?= (?:\w+ ){0,3}(?:leads?|wires?|xxxx))|(?<=lead )fractur\w*|(?<=wire )fractur\w*",
     r"skin (?:lines?|folds?)",
-    r"(?:nasogastric|ng) tube",  # re-added by the device table; keeps "tube" out of other tables
 )
-_NOT_MENTIONS = _NOT_MENTIONS[:-1]
 
 # Whole phrases that deny an observation without a negation word.
 NORMAL_STATEMENTS: dict[str, tuple[str, ...]] = {

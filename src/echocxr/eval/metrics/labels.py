@@ -129,4 +129,9 @@ def _truth_labels(findings, index: int) -> list[tuple[str, str]]:
         except (TypeError, ValueError) as e:
             raise UserError(f"truth {index}: bad finding {obs!r} ({e})") from None
         out.append((f.observation, f.status))
+    # A phantom rendered with nothing abnormal is a normal study: the labeler's no_finding rule.
+    if "no_finding" not in findings and not any(
+        s != "negative" for o, s in out if o not in ("support_devices", "no_finding")
+    ):
+        out.append(("no_finding", "positive"))
     return out
