@@ -1,0 +1,189 @@
+"""DCD: the top-k KL and its bounds, step weights, the EOS term, the repetition filter, and the
+student's RAD-layout logits against an uncached reference of what the one-step decoder sees."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from echocxr.batch import Example, collate
+from echocxr.model.config import get_preset
+from echocxr.model.image_processing import make_image_processor
+from echocxr.model.tokenizer import train_bpe
+from echocxr.model.vlm import EchoVLM
+from echocxr.train.dcd import (
+    NO_TARGET,
+    Targets,
+    bucket_log_probs,
+    dcd_loss,
+    kl_topk,
+    rad_student_logits,
+    repetition_loop,
+    step_weights,
+    topk_target,
+)
+
+TEXTS = [
+    "Findings: The heart is normal in size. No pleural effusion. No pneumothorax.\nImpression: Normal chest.",
+    "Findings: Mild cardiomegaly. Small left pleural effusion.\nImpression: Cardiomegaly with effusion.",
+    "所见：心影大小正常。无胸腔积液。无气胸。\n印象：胸部未见异常。",
+] * 20
+
+
+def _pair(n=64, V=50, seed=0, sharp=3.0):
+    g = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(n, V, generator=g) * sharp
+    student = torch.randn(n, V, generator=g) * sharp
+    return teacher, student
+
+
+def _full_kl(p_logits, q_logits):  # KL(p || q) per row
+    return F.kl_div(
+        q_logits.log_softmax(-1), p_logits.log_softmax(-1), log_target=True, reduction="none"
+    ).sum(-1)
+
+
+def test_topk_kl_with_all_tokens_is_the_full_kl():
+    teacher, student = _pair()
+    idx, p, rest = topk_target(teacher.softmax(-1), teacher.shape[-1])
+    torch.testing.assert_close(
+        kl_topk(student, idx, p, rest), _full_kl(teacher, student), atol=1e-5, rtol=1e-4
+    )
+    rev = kl_topk(student, idx, p, rest, "reverse")
+    torch.testing.assert_close(rev, _full_kl(student, teacher), atol=1e-4, rtol=1e-4)
+
+
+def test_topk_kl_lower_bounds_the_full_kl_and_tightens_with_k():
+    teacher, student = _pair()
+    full = _full_kl(teacher, student)
+    prev = torch.zeros_like(full)
+    for k in (1, 4, 16, 49):
+        idx, p, rest = topk_target(teacher.softmax(-1), k)
+        kl = kl_topk(student, idx, p, rest)
+        assert (kl >= -1e-6).all() and (kl <= full + 1e-5).all()  # coarser buckets: lower KL
+        assert (kl >= prev - 1e-5).all()  # refining the buckets never lowers it
+        prev = kl
+
+
+def test_kl_is_zero_only_for_the_teacher_itself():
+    teacher, student = _pair()
+    idx, p, rest = topk_target(teacher.softmax(-1), 8)
+    assert kl_topk(teacher, idx, p, rest).abs().max() < 1e-5
+    assert kl_topk(teacher, idx, p, rest, "reverse").abs().max() < 1e-5
+    assert kl_topk(student, idx, p, rest).min() > 1e-3
+
+
+def test_bucket_log_probs_sum_to_one():
+    _, student = _pair()
+    idx = torch.randperm(50)[:7].expand(64, 7)
+    log_top, log_rest = bucket_log_probs(student, idx)
+    total = torch.cat([log_top, log_rest[:, None]], -1).logsumexp(-1)
+    torch.testing.assert_close(total, torch.zeros(64), atol=1e-5, rtol=0)
+
+
+def test_step_weights_grow_linearly_from_one_to_one_plus_alpha():
+    w = step_weights(torch.tensor([0, 1, 2, 3, NO_TARGET]), 4, alpha=2.0)
+    torch.testing.assert_close(w, torch.tensor([1.0, 1 + 2 / 3, 1 + 4 / 3, 3.0, 1.0]))
+    assert torch.equal(step_weights(torch.tensor([0, 0]), 1, alpha=2.0), torch.ones(2))
+    assert torch.equal(step_weights(torch.tensor([0, 3]), 4, alpha=0.0), torch.ones(2))
+
+
+def _targets(teacher_logits, tokens, step, steps=4, k=8):
+    B, R, V = teacher_logits.shape
+    idx, p, rest = topk_target(teacher_logits.softmax(-1), k)
+    return Targets(tokens, step, idx, p, rest, steps)
+
+
+def test_dcd_loss_terms():
+    B, R, V, eos = 2, 8, 30, 5
+    g = torch.Generator().manual_seed(1)
+    teacher = torch.randn(B, R, V, generator=g) * 3
+    student = torch.randn(B, R, V, generator=g) * 3
+    tokens = teacher.argmax(-1)
+    tokens[0, 6:] = eos
+    tokens[1, 4:] = eos
+    step = torch.tensor([[0, 1, 2, 3, 0, 1, NO_TARGET, NO_TARGET], [3, 2, 1, 0, 0, 1, 2, 3]])
+    t = _targets(teacher, tokens, step)
+    has = step != NO_TARGET
+    kl = kl_topk(student[has], t.top_idx[has], t.top_p[has], t.rest[has])
+    w = 1 + step[has].float() / 3
+    eos_ce = F.cross_entropy(student[tokens == eos], tokens[tokens == eos])
+    loss, logs = dcd_loss(student, t, eos, alpha=1.0, eos_weight=0.5)
+    torch.testing.assert_close(loss, (w * kl).sum() / w.sum() + 0.5 * eos_ce)
+    assert logs["eos_ce"] == pytest.approx(float(eos_ce), rel=1e-5)
+    plain, _ = dcd_loss(student, t, eos, alpha=0.0, eos_weight=0.0)
+    torch.testing.assert_close(plain, kl.mean())
+    # positions without a target do not matter
+    other = student.clone()
+    other[0, 6:] += 100.0 * torch.randn(2, V, generator=g)
+    same, _ = dcd_loss(other, t, eos, eos_weight=0.0)
+    torch.testing.assert_close(same, dcd_loss(student, t, eos, eos_weight=0.0)[0])
+
+
+def test_forward_kl_gradient_moves_the_student_to_the_teacher():
+    teacher, _ = _pair(n=16, V=20, seed=3)
+    idx, p, rest = topk_target(teacher.softmax(-1), 8)
+    student = torch.zeros(16, 20, requires_grad=True)
+    start = kl_topk(student, idx, p, rest).detach()
+    opt = torch.optim.Adam([student], lr=0.1)
+    for _ in range(300):
+        opt.zero_grad()
+        kl_topk(student, idx, p, rest).mean().backward()
+        opt.step()
+    end = kl_topk(student, idx, p, rest)
+    assert (end < 0.01 * start).all()
+
+
+def test_repetition_loop_detector():
+    assert repetition_loop([1, 2, 3, 4] * 3 + [9])
+    assert repetition_loop([7] * 12)
+    assert repetition_loop([5, 6] + [1, 2, 3, 4, 5, 6] * 3)
+    assert not repetition_loop([7] * 11 + [8])  # 11 of the same token: below the 12-token span
+    assert not repetition_loop([1, 2, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11])  # a stutter
+    assert not repetition_loop(list(range(40)))
+    assert not repetition_loop([])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = train_bpe(TEXTS, 400)
+    cfg = get_preset("tiny")
+    model = EchoVLM.from_config(cfg, tok, seed=0).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a wider init so outputs depend on the input (see test_onestep.py)
+        for p in model.hf.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3, generator=g)
+    return model, tok, make_image_processor(cfg.image_size), cfg
+
+
+def _batch(tok, proc, cfg, texts):
+    rng = np.random.default_rng(2)
+    img = lambda: Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8))  # noqa: E731
+    exs = [Example([img()], "en", texts[0]), Example([img(), img()], "zh", texts[1])]
+    return collate(exs, tok, proc, cfg.image_tokens, multiple_of=4)
+
+
+@pytest.mark.parametrize("shift", [True, False])
+def test_rad_layout_logits_equal_what_the_one_step_decoder_sees(tiny, shift):
+    """Block i of the layout = a plain forward over [prompt | clean blocks < i | mask block]."""
+    model, tok, proc, cfg = tiny
+    batch = _batch(tok, proc, cfg, TEXTS[:2])
+    clean, blk = batch.response_ids, 4
+    rows, P = batch.prompt_ids.shape
+    with torch.no_grad():
+        got = rad_student_logits(model, batch, clean, blk, shift)
+        for i in range(clean.shape[1] // blk):
+            ids = torch.cat(
+                [batch.prompt_ids, clean[:, : i * blk], torch.full((rows, blk), model.special.mask)], 1
+            )
+            S = ids.shape[1]
+            valid = torch.cat([batch.prompt_valid, torch.ones(rows, S - P, dtype=torch.bool)], 1)
+            q, k = torch.arange(S)[:, None], torch.arange(S)[None]
+            rule = torch.where(q < P, k <= q, (k < P) | ((k - P) // blk <= (q - P) // blk))
+            mask = (rule[None] & valid[:, None]) | torch.eye(S, dtype=torch.bool)
+            x = model.embed(ids, batch.pixel_values, batch.grid_thw)
+            ref = model.logits(model(x, model.positions(ids, batch.grid_thw, valid), mask[:, None]))
+            want = ref[:, S - blk - 1 : S - 1] if shift else ref[:, S - blk :]
+            torch.testing.assert_close(got[:, i * blk : (i + 1) * blk], want, atol=2e-4, rtol=1e-4)
