@@ -187,3 +187,96 @@ def test_rad_layout_logits_equal_what_the_one_step_decoder_sees(tiny, shift):
             ref = model.logits(model(x, model.positions(ids, batch.grid_thw, valid), mask[:, None]))
             want = ref[:, S - blk - 1 : S - 1] if shift else ref[:, S - blk :]
             torch.testing.assert_close(got[:, i * blk : (i + 1) * blk], want, atol=2e-4, rtol=1e-4)
+
+
+def test_stratified_sample_spreads_over_sources():
+    from types import SimpleNamespace
+
+    from echocxr.train.dcd import stratified_sample
+
+    recs = [
+        SimpleNamespace(source=s, i=i)
+        for s, n in (("iu", 60), ("mimic", 30), ("rexgradient", 3))
+        for i in range(n)
+    ]
+    got = stratified_sample(recs, 20, seed=0)
+    counts = {s: sum(r.source == s for r in got) for s in ("iu", "mimic", "rexgradient")}
+    assert sum(counts.values()) == 20 and len({id(r) for r in got}) == 20
+    assert counts["rexgradient"] >= 1 and counts["iu"] > counts["mimic"] > counts["rexgradient"]
+    assert stratified_sample(recs, 20, seed=0) == got and stratified_sample(recs, 20, seed=1) != got
+    assert len(stratified_sample(recs, 500, seed=0)) == 93
+
+
+def test_config_rejects_bad_choices():
+    from echocxr.errors import UserError
+    from echocxr.train.dcd import DCDConfig
+
+    with pytest.raises(UserError, match="--kl"):
+        DCDConfig(kl="sideways")
+    with pytest.raises(UserError, match="--teacher-steps"):
+        DCDConfig(block_size=4, teacher_steps=8)
+
+
+def _synthetic_stage(model, tok, proc, cfg, **kw):
+    """A stage whose rollouts are built by hand: a sharp random teacher distribution per position."""
+    from echocxr.train.dcd import DCDConfig, DCDStage, Rollout
+
+    rng = np.random.default_rng(3)
+    img = lambda: Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8))  # noqa: E731
+    exs = [Example([img()], "en", None, f"s{i}") for i in range(3)]
+    dcfg = DCDConfig(block_size=4, top_k=8, **kw)
+    stage = DCDStage(dcfg, tok, proc, exs, teacher=None)
+    g = torch.Generator().manual_seed(0)
+    eos, V = model.special.eos, model.vocab_size
+    for i, R in enumerate((8, 12, 4)):
+        teacher = torch.randn(R, V, generator=g) * 4
+        idx, p, rest = topk_target(teacher.softmax(-1), 8)
+        tokens = teacher.argmax(-1)
+        tokens[-2:] = eos
+        step = torch.arange(R) % 4
+        stage.rollouts.append(Rollout(i, tokens, step, idx.int(), p, rest))
+    stage.round = 0
+    return stage
+
+
+def test_stage_loss_trains_the_student_and_survives_a_resume(tiny):
+    model, tok, proc, cfg = tiny
+    stage = _synthetic_stage(model, tok, proc, cfg)
+    student = EchoVLM.from_config(cfg, tok, seed=1).train()
+    batch = _batch(tok, proc, cfg, TEXTS[:2])  # the loop's batch: only its size matters for DCD
+    opt = torch.optim.Adam(student.parameters(), lr=3e-3)
+    losses = []
+    for step in range(12):
+        loss, logs = stage.loss(student, batch, step % 2)  # two fixed draws, so the loss can fall
+        assert set(logs) >= {"kl", "eos_ce"} and torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    again = _synthetic_stage(model, tok, proc, cfg)
+    again.rollouts, again.round = [], -1
+    again.load_state_dict(stage.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(again.loss(student, batch, 5)[0], stage.loss(student, batch, 5)[0])
+
+
+def test_ablation_switches_change_the_objective(tiny):
+    model, tok, proc, cfg = tiny
+    batch = _batch(tok, proc, cfg, TEXTS[:2])
+    with torch.no_grad():
+        fwd = _synthetic_stage(model, tok, proc, cfg).loss(model, batch, 0)
+        rev = _synthetic_stage(model, tok, proc, cfg, kl="reverse").loss(model, batch, 0)
+        no_eos = _synthetic_stage(model, tok, proc, cfg, eos_weight=0.0).loss(model, batch, 0)
+        no_w = _synthetic_stage(model, tok, proc, cfg, alpha=0.0).loss(model, batch, 0)
+        ft = _synthetic_stage(model, tok, proc, cfg, objective="onestep-ft").loss(model, batch, 0)
+    assert float(rev[0]) != pytest.approx(float(fwd[0]))
+    assert float(no_eos[0]) == pytest.approx(fwd[1]["kl"], rel=1e-5)
+    assert no_w[1]["kl"] != pytest.approx(fwd[1]["kl"])
+    # onestep-ft: the CE of the fully masked one-step student on the loop's ground-truth batch
+    from echocxr.decode.onestep import AR_SHIFT
+
+    with torch.no_grad():
+        logits = rad_student_logits(model, batch, batch.response_ids, 4, AR_SHIFT)
+    ce = F.cross_entropy(logits.flatten(0, 1), batch.response_ids.flatten())
+    assert set(ft[1]) == {"ce"} and float(ft[0]) == pytest.approx(float(ce), rel=1e-5)

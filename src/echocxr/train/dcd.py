@@ -139,9 +139,9 @@ def dcd_loss(
     )
     loss = loss_kl + eos_weight * loss_eos
     logs = {
-        "kl": float(loss_kl),
-        "eos_ce": float(loss_eos),
-        "kl_unweighted": float(div.mean()) if has.any() else 0.0,
+        "kl": loss_kl.item(),
+        "eos_ce": loss_eos.item(),
+        "kl_unweighted": div.mean().item() if has.any() else 0.0,
     }
     return loss, logs
 
@@ -207,3 +207,352 @@ def repetition_loop(tokens: list[int], max_n: int = 8, min_repeats: int = 3, min
             if run >= (need - 1) * n:
                 return True
     return False
+
+
+# -- configuration ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DCDConfig:
+    block_size: int = 8
+    objective: str = "dcd"  # "dcd" | "onestep-ft" (ablation: one-step CE on ground truth, no teacher)
+    kl: str = "forward"  # "forward" (paper) | "reverse" (ablation)
+    alpha: float = 1.0  # step weight slope; 0 = --no-step-weight
+    eos_weight: float = 1.0  # lambda_eos; 0 = --no-eos-loss
+    top_k: int = 64  # teacher probabilities kept per position (+ the rest mass)
+    teacher_steps: int | None = None  # K denoising steps per block for the teacher (None: block size)
+    strategy: str = "confidence_dynamic"
+    threshold: float = 0.85
+    max_new_tokens: int = 128  # longest teacher rollout
+    rounds: int = 1
+    refresh: str = "teacher"  # who decodes the trajectories of rounds after the first
+    distill_studies: int = 256
+    collect_batch: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from echocxr.errors import UserError
+
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"--objective must be one of {OBJECTIVES}, not {self.objective!r}")
+        if self.kl not in KL_DIRECTIONS:
+            raise UserError(f"--kl must be one of {KL_DIRECTIONS}, not {self.kl!r}")
+        if self.refresh not in REFRESH:
+            raise UserError(f"--refresh must be one of {REFRESH}, not {self.refresh!r}")
+        if self.block_size < 1 or self.top_k < 1 or self.rounds < 1 or self.distill_studies < 1:
+            raise UserError("--block-size, --top-k, --rounds and --distill-studies must be >= 1")
+        if self.teacher_steps is not None and not 1 <= self.teacher_steps <= self.block_size:
+            raise UserError(f"--teacher-steps must be in 1..{self.block_size}")
+
+    @property
+    def steps(self) -> int:
+        return self.teacher_steps or self.block_size
+
+
+# -- Phase 1: the distillation set and its rollouts -------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """One teacher rollout of one study: what Phase 2 trains on."""
+
+    example: int  # index into the distillation set (the images the teacher saw, rendered once)
+    tokens: torch.Tensor  # [R] committed tokens up to the end of the EOS block (R: whole blocks)
+    step: torch.Tensor  # [R] long: unmask step within the block
+    top_idx: torch.Tensor  # [R, k] int32
+    top_p: torch.Tensor  # [R, k] float32
+    rest: torch.Tensor  # [R] float32
+
+
+def stratified_sample(records: list, n: int, seed: int) -> list:
+    """n records spread over sources in proportion to their size (largest remainder), at least one
+    per source while n allows; within a source, a seeded random choice."""
+    import random
+
+    by_source: dict[str, list] = {}
+    for r in records:
+        by_source.setdefault(r.source, []).append(r)
+    n = min(n, len(records))
+    sources = sorted(by_source)
+    share = {s: n * len(by_source[s]) / len(records) for s in sources}
+    take = {s: int(share[s]) for s in sources}
+    if n >= len(sources):
+        take = {s: max(1, t) for s, t in take.items()}
+    while sum(take.values()) > n:
+        take[max(sources, key=lambda s: take[s] - share[s])] -= 1
+    while sum(take.values()) < n:
+        open_ = [s for s in sources if take[s] < len(by_source[s])]
+        take[max(open_, key=lambda s: share[s] - take[s])] += 1
+    rng = random.Random(seed)
+    out = []
+    for s in sources:
+        out += rng.sample(by_source[s], take[s])
+    return out
+
+
+def distill_examples(corpus: str, n: int, *, image_size: int, seed: int, image_source: str = "auto") -> list:
+    """The distillation set: n training studies sampled across sources, each rendered once, so
+    the student trains on the very images the teacher decoded."""
+    from pathlib import Path
+
+    from echocxr.batch import Example
+    from echocxr.data.images import study_images
+    from echocxr.data.records import load_corpus
+    from echocxr.errors import UserError
+
+    records = [r for r in load_corpus(corpus, split="train") if r.findings or r.impression]
+    if not records:
+        raise UserError(f"{corpus}: no training records with a report to distil on")
+    root = Path(corpus).parent
+    out = []
+    for r in stratified_sample(records, n, seed):
+        images = study_images(r, size=image_size, seed=seed, epoch=None, source=image_source, root=root)
+        out.append(Example(images, r.language, r.report, r.record_id, {"source": r.source}))
+    return out
+
+
+def _rollout(example: int, tokens: list[int], row_trajectory, block: int, k: int, eos: int) -> Rollout:
+    """Teacher output of one row -> per-position targets over whole blocks up to its EOS block."""
+    R = -(-len(tokens) // block) * block
+    ids = torch.full((R,), eos, dtype=torch.long)
+    ids[: len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    step = torch.full((R,), NO_TARGET, dtype=torch.long)
+    top_idx = torch.zeros(R, k, dtype=torch.int32)
+    top_p = torch.zeros(R, k)
+    rest = torch.ones(R)
+    for b, steps in enumerate(row_trajectory[: R // block]):
+        for s, rec in enumerate(steps):
+            pos = b * block + torch.as_tensor(rec.positions, dtype=torch.long)
+            step[pos] = s
+            top_idx[pos] = torch.as_tensor(rec.top_idx, dtype=torch.int32)[:, :k]
+            top_p[pos] = torch.as_tensor(rec.top_p, dtype=torch.float32)[:, :k]
+            rest[pos] = torch.as_tensor(rec.rest, dtype=torch.float32)
+    return Rollout(example, ids, step, top_idx, top_p, rest)
+
+
+@torch.no_grad()
+def collect_rollouts(
+    decoder: EchoVLM, examples: list, tokenizer, processor, cfg: DCDConfig
+) -> tuple[list, dict]:
+    """Phase 1: decode every study with the multi-step block decoder and record its trajectory.
+    Rollouts caught in a repetition loop are dropped and counted."""
+    from echocxr.batch import Example, collate
+    from echocxr.decode.api import DecodeConfig, generate
+
+    dc = DecodeConfig(
+        decoder="block",
+        max_new_tokens=cfg.max_new_tokens,
+        block_size=cfg.block_size,
+        steps=cfg.steps,
+        strategy=cfg.strategy,
+        threshold=cfg.threshold,
+        record_trajectory=True,
+        trajectory_top_k=cfg.top_k,
+        seed=cfg.seed,
+    )
+    was_training = decoder.training
+    decoder.eval()
+    eos, tpi = decoder.special.eos, decoder.config.image_tokens
+    rollouts, looped, unfinished = [], 0, 0
+    for i in range(0, len(examples), cfg.collect_batch):
+        chunk = examples[i : i + cfg.collect_batch]
+        prompts = [Example(ex.images, ex.language, None, ex.record_id) for ex in chunk]
+        out = generate(decoder, collate(prompts, tokenizer, processor, tpi).to(decoder.device), dc)
+        for j, tokens, traj in zip(range(i, i + len(chunk)), out.tokens, out.trajectory, strict=True):
+            body = tokens[:-1] if tokens and tokens[-1] == eos else tokens
+            if repetition_loop(body):
+                looped += 1
+                continue
+            unfinished += int(not tokens or tokens[-1] != eos)
+            rollouts.append(_rollout(j, tokens, traj, cfg.block_size, cfg.top_k, eos))
+    decoder.train(was_training)
+    stats = {"rollouts": len(rollouts), "discarded_loops": looped, "unfinished": unfinished}
+    return rollouts, stats
+
+
+# -- the stage (the shared training loop calls loss / on_round_start) -------------------------------
+
+
+class DCDStage:
+    """Stage 3 for the shared loop. The loop's batches (ground-truth reports) feed only the
+    `onestep-ft` ablation; DCD draws its batches from its own rollouts, since a target exists only
+    for studies the teacher decoded, on the images it saw."""
+
+    name = "dcd"
+    freeze_vision = True
+
+    def __init__(self, cfg: DCDConfig, tokenizer, processor, examples: list, teacher: EchoVLM | None):
+        self.cfg = cfg
+        self.multiple_of = cfg.block_size
+        self.tokenizer, self.processor = tokenizer, processor
+        self.examples, self.teacher = examples, teacher
+        self.rollouts: list[Rollout] = []
+        self.round = -1
+        self.collect_stats: list[dict] = []
+
+    @property
+    def rounds(self) -> int:
+        return self.cfg.rounds
+
+    def on_round_start(self, model: EchoVLM, round_idx: int) -> None:
+        if self.cfg.objective != "dcd" or round_idx == self.round:
+            return
+        use_student = self.cfg.refresh == "student" and round_idx > 0
+        decoder = model if use_student else self.teacher.to(model.device)
+        self.rollouts, stats = collect_rollouts(
+            decoder, self.examples, self.tokenizer, self.processor, self.cfg
+        )
+        if not self.rollouts:
+            from echocxr.errors import UserError
+
+            raise UserError(f"DCD round {round_idx}: every teacher rollout fell into a repetition loop")
+        self.round = round_idx
+        self.collect_stats.append(
+            {"round": round_idx, "by": "student" if use_student else "teacher", **stats}
+        )
+        print(f"dcd round {round_idx}: " + " ".join(f"{k}={v}" for k, v in self.collect_stats[-1].items()))
+
+    def loss(self, model: EchoVLM, batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        from echocxr.decode.onestep import AR_SHIFT
+
+        if self.cfg.objective == "onestep-ft":
+            return onestep_ft_loss(model, batch, self.cfg.block_size, AR_SHIFT)
+        if self.round < 0:  # a loop without round hooks: collect once
+            self.on_round_start(model, 0)
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+        pick = torch.randint(len(self.rollouts), (batch.size,), generator=g).tolist()
+        student_batch, targets = self.student_batch([self.rollouts[i] for i in pick], model)
+        logits = rad_student_logits(model, student_batch, targets.tokens, self.cfg.block_size, AR_SHIFT)
+        return dcd_loss(
+            logits,
+            targets,
+            model.special.eos,
+            kl=self.cfg.kl,
+            alpha=self.cfg.alpha,
+            eos_weight=self.cfg.eos_weight,
+        )
+
+    def student_batch(self, rollouts: list[Rollout], model: EchoVLM):
+        """Prompts (with the teacher's images) and EOS-padded targets for a list of rollouts."""
+        from echocxr.batch import Example, collate
+
+        exs = [self.examples[r.example] for r in rollouts]
+        prompts = [Example(ex.images, ex.language, None, ex.record_id) for ex in exs]
+        batch = collate(prompts, self.tokenizer, self.processor, model.config.image_tokens).to(model.device)
+        R, k = max(len(r.tokens) for r in rollouts), self.cfg.top_k
+        B, eos = len(rollouts), model.special.eos
+        t = Targets(
+            torch.full((B, R), eos, dtype=torch.long),
+            torch.full((B, R), NO_TARGET, dtype=torch.long),
+            torch.zeros(B, R, k, dtype=torch.long),
+            torch.zeros(B, R, k),
+            torch.ones(B, R),
+            self.cfg.steps,
+        )
+        for b, r in enumerate(rollouts):
+            n = len(r.tokens)
+            t.tokens[b, :n], t.step[b, :n], t.top_idx[b, :n] = r.tokens, r.step, r.top_idx.long()
+            t.top_p[b, :n], t.rest[b, :n] = r.top_p, r.rest
+        dev = model.device
+        return batch, Targets(*(x.to(dev) for x in (t.tokens, t.step, t.top_idx, t.top_p, t.rest)), t.steps)
+
+    def state_dict(self) -> dict:
+        return {
+            "round": self.round,
+            "collect_stats": self.collect_stats,
+            "rollouts": [
+                {"example": r.example, "tokens": r.tokens, "step": r.step}
+                | {"top_idx": r.top_idx, "top_p": r.top_p, "rest": r.rest}
+                for r in self.rollouts
+            ],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.round, self.collect_stats = state["round"], list(state["collect_stats"])
+        self.rollouts = [
+            Rollout(d["example"], d["tokens"], d["step"], d["top_idx"], d["top_p"], d["rest"])
+            for d in state["rollouts"]
+        ]
+
+
+def onestep_ft_loss(model: EchoVLM, batch, block: int, shift: bool) -> tuple[torch.Tensor, dict[str, float]]:
+    """Ablation: plain one-step fine-tuning. Every block fully masked given the ground-truth blocks
+    before it (the RAD layout at mask ratio 1), cross-entropy on every response position, EOS
+    padding included."""
+    logits = rad_student_logits(model, batch, batch.response_ids, block, shift)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.response_ids.flatten())
+    return loss, {"ce": loss.item()}
+
+
+# -- CLI (echocxr train --stage dcd) ------------------------------------------------------------------
+
+
+def add_stage_arguments(parser) -> None:
+    d = DCDConfig()
+    g = parser.add_argument_group("DCD (stage 3)")
+    g.add_argument("--teacher", help="RAD checkpoint that decodes the trajectories (default: --init)")
+    g.add_argument("--objective", choices=OBJECTIVES, default=d.objective)
+    g.add_argument("--kl", choices=KL_DIRECTIONS, default=d.kl, help="KL direction (paper: forward)")
+    g.add_argument("--alpha", type=float, default=d.alpha, help="step weight w = 1 + alpha * s / (K - 1)")
+    g.add_argument("--no-step-weight", action="store_true", help="ablation: w = 1 for every position")
+    g.add_argument("--eos-weight", type=float, default=d.eos_weight, help="weight of the EOS cross-entropy")
+    g.add_argument("--no-eos-loss", action="store_true", help="ablation: drop the EOS cross-entropy")
+    g.add_argument("--top-k", type=int, default=d.top_k, help="teacher probabilities kept per position")
+    g.add_argument("--teacher-steps", type=int, default=None, help="teacher steps per block (default: B)")
+    g.add_argument("--strategy", default=d.strategy, help="teacher unmasking order (decode.block)")
+    g.add_argument("--threshold", type=float, default=d.threshold)
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="longest teacher rollout")
+    g.add_argument("--rounds", type=int, default=d.rounds, help="trajectory collection rounds")
+    g.add_argument("--refresh", choices=REFRESH, default=d.refresh, help="who decodes rounds after the first")
+    g.add_argument(
+        "--distill-studies", type=int, default=d.distill_studies, help="studies, stratified by source"
+    )
+    g.add_argument("--collect-batch", type=int, default=d.collect_batch)
+    if not any("--block-size" in a.option_strings for a in parser._actions):
+        g.add_argument("--block-size", type=int, default=None, help="default: the checkpoint's block size")
+
+
+def build_stage(args, model: EchoVLM, tokenizer, processor) -> DCDStage:
+    import copy
+
+    meta_block = None
+    init = getattr(args, "init", None)
+    if init:
+        import json
+        from pathlib import Path
+
+        meta_file = Path(init) / "echocxr.json"
+        if meta_file.is_file():
+            meta_block = json.loads(meta_file.read_text()).get("block_size")
+    cfg = DCDConfig(
+        block_size=args.block_size or meta_block or DCDConfig.block_size,
+        objective=args.objective,
+        kl=args.kl,
+        alpha=0.0 if args.no_step_weight else args.alpha,
+        eos_weight=0.0 if args.no_eos_loss else args.eos_weight,
+        top_k=args.top_k,
+        teacher_steps=args.teacher_steps,
+        strategy=args.strategy,
+        threshold=args.threshold,
+        max_new_tokens=args.max_new_tokens,
+        rounds=args.rounds,
+        refresh=args.refresh,
+        distill_studies=args.distill_studies,
+        collect_batch=args.collect_batch,
+        seed=args.seed,
+    )
+    if cfg.objective == "onestep-ft":
+        return DCDStage(cfg, tokenizer, processor, [], None)
+    if args.teacher:
+        teacher, *_ = EchoVLM.from_pretrained(args.teacher)
+    else:  # the student starts as the teacher; keep a frozen copy to decode from
+        teacher = copy.deepcopy(model)
+    teacher.eval().requires_grad_(False)
+    examples = distill_examples(
+        args.corpus,
+        cfg.distill_studies,
+        image_size=model.config.image_size,
+        seed=args.seed,
+        image_source=getattr(args, "image_source", "auto"),
+    )
+    return DCDStage(cfg, tokenizer, processor, examples, teacher)
