@@ -43,21 +43,79 @@ def block_logits(
     return torch.cat([first[:, None].float(), model.logits(h_block[:, :-1]).float()], dim=1)
 
 
-def _forward(model, cache, next_pos, ids, offset, block):
-    """Run ids [Bsz, Q] (whole blocks) at response offset `offset`, writing KV after the committed slots."""
-    pos = text_positions(next_pos, offset, ids.shape[1])
-    mask = with_padding(cache, decode_block(cache.length, ids.shape[1], block, ids.device))
-    return model(model.embed(ids), pos, mask, cache=cache)
+class BlockForward:
+    """One forward over whole blocks placed after the committed slots -> hidden [Bsz, Q, D].
+
+    mode "eager": attend to the used slots only (shapes grow block by block). "static": fixed
+    shapes, attention over the whole cache capacity with a mask and KV written by `index_copy_` at
+    a position tensor, so one shape per query length. "graph": static, captured once per query
+    length as a CUDA graph and replayed (CUDA only; unmeasured, see docs/DCD.md). The three agree.
+    """
+
+    def __init__(self, model: EchoVLM, cache, next_pos: torch.Tensor, block: int, mode: str):
+        self.model, self.cache, self.next_pos, self.block, self.mode = model, cache, next_pos, block, mode
+        self.graphs: dict[int, tuple] = {}
+
+    def __call__(self, ids: torch.Tensor, offset: int) -> torch.Tensor:
+        cache, Q = self.cache, ids.shape[1]
+        pos = text_positions(self.next_pos, offset, Q)
+        mask = with_padding(cache, decode_block(cache.length, Q, self.block, ids.device))
+        if self.mode == "eager":
+            return self.model(self.model.embed(ids), pos, mask, cache=cache)
+        full = torch.zeros(*mask.shape[:3], cache.capacity, dtype=torch.bool, device=ids.device)
+        full[..., : mask.shape[-1]] = mask  # slots past the new tokens: stale, never attended
+        start = torch.tensor([cache.length], device=ids.device)
+        if self.mode == "graph":
+            return self._replay(ids, pos, full, start)
+        return self._static(ids, pos, full, start)
+
+    def write(self, layer: int, start: torch.Tensor, k_new, v_new, kv_len=None):
+        """The cache protocol `EchoVLM.forward` calls, at a position tensor: static shapes."""
+        idx = start + torch.arange(k_new.shape[2], device=k_new.device)
+        self.cache.k[layer].index_copy_(2, idx, k_new)
+        self.cache.v[layer].index_copy_(2, idx, v_new)
+        return self.cache.k[layer], self.cache.v[layer]
+
+    def _static(self, ids, pos, mask, start):
+        return self.model(self.model.embed(ids), pos, mask, cache=self, start=start)
+
+    def _replay(self, *inputs):
+        Q = inputs[0].shape[1]
+        if self.graphs.get(Q, 0) is None:  # capture failed before: run the same static step uncaptured
+            return self._static(*inputs)
+        if Q not in self.graphs:
+            bufs = tuple(x.clone() for x in inputs)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: writes the very KV this step writes anyway
+                self._static(*bufs)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    out = self._static(*bufs)
+            except RuntimeError as e:  # an op that cannot be captured: say so, stay correct
+                print(f"onestep: CUDA graph capture failed ({e}); running the static step uncaptured")
+                self.graphs[Q] = None
+                return self._static(*inputs)
+            self.graphs[Q] = (graph, bufs, out)
+        graph, bufs, out = self.graphs[Q]
+        for buf, x in zip(bufs, inputs, strict=True):
+            buf.copy_(x)
+        graph.replay()
+        return out  # a static buffer: valid until the next replay
 
 
 @torch.no_grad()
-def generate(model: EchoVLM, batch, cfg) -> Output:
+def generate(model: EchoVLM, batch, cfg, *, mode: str | None = None) -> Output:
+    """mode: "eager" | "static" | "graph" (see BlockForward); default: graph on CUDA, else eager."""
     B, eos, mask_id = cfg.block_size, model.special.eos, model.special.mask
     n_blocks = -(-cfg.max_new_tokens // B)
-    pre = prefill(
-        model, batch, n_blocks * B, extra_slots=B
-    )  # fused: the mask block sits past the last commit
+    # extra_slots: in the fused step the mask block sits one block past the committed length
+    pre = prefill(model, batch, n_blocks * B, extra_slots=B)
     cache, rows = pre.cache, batch.size
+    mode = mode or ("graph" if pre.last_logits.is_cuda else "eager")
+    forward = BlockForward(model, cache, pre.next_pos, B, mode)
     gen = None
     if cfg.temperature > 0:
         gen = torch.Generator(device=pre.last_logits.device).manual_seed(cfg.seed)
@@ -67,11 +125,11 @@ def generate(model: EchoVLM, batch, cfg) -> Output:
     masked = torch.full((rows, B), mask_id, dtype=torch.long, device=out.device)
     for i in range(n_blocks):
         if cfg.fused and prev is not None:  # [block i-1 (clean) | block i (mask)] in one forward
-            h = _forward(model, cache, pre.next_pos, torch.cat([prev, masked], 1), (i - 1) * B, B)
+            h = forward(torch.cat([prev, masked], 1), (i - 1) * B)
             cache.commit(B)  # block i-1's KV is now exact
             first, h = model.logits(h[:, B - 1]), h[:, B:]
         else:
-            h = _forward(model, cache, pre.next_pos, masked, i * B, B)
+            h = forward(masked, i * B)
         forwards += 1
         tokens, _ = sample(
             block_logits(model, h, first, AR_SHIFT), cfg.temperature, cfg.top_k, cfg.top_p, gen
@@ -80,7 +138,7 @@ def generate(model: EchoVLM, batch, cfg) -> Output:
         out[:, i * B : (i + 1) * B] = tokens
         done |= (tokens == eos).any(1)
         if not cfg.fused:  # write the committed block's KV
-            h = _forward(model, cache, pre.next_pos, tokens, i * B, B)
+            h = forward(tokens, i * B)
             cache.commit(B)
             first, forwards = model.logits(h[:, -1]), forwards + 1
         prev = tokens
@@ -88,4 +146,6 @@ def generate(model: EchoVLM, batch, cfg) -> Output:
             break
     tokens = cut_at_eos(out[:, : (i + 1) * B].cpu(), eos)
     tokens = [t[: cfg.max_new_tokens] for t in tokens]
-    return Output(tokens, forwards, None, {"blocks": i + 1, "fused": cfg.fused, "shift": AR_SHIFT})
+    return Output(
+        tokens, forwards, None, {"blocks": i + 1, "fused": cfg.fused, "shift": AR_SHIFT, "mode": mode}
+    )
