@@ -280,3 +280,13 @@ def test_ablation_switches_change_the_objective(tiny):
         logits = rad_student_logits(model, batch, batch.response_ids, 4, AR_SHIFT)
     ce = F.cross_entropy(logits.flatten(0, 1), batch.response_ids.flatten())
     assert set(ft[1]) == {"ce"} and float(ft[0]) == pytest.approx(float(ce), rel=1e-5)
+
+
+def test_topk_kl_gap_report():
+    from echocxr.train.dcd import topk_kl_gap
+
+    teacher, student = _pair(n=32, V=100, seed=5)
+    gap = topk_kl_gap(teacher, student, ks=(8, 32, 64, 100))
+    assert gap["top8_kl"] <= gap["top32_kl"] + 1e-5 <= gap["top64_kl"] + 2e-5
+    assert gap["top100_kl"] == pytest.approx(gap["full_kl"], rel=1e-4)
+    assert 0 < gap["top8_mass"] < gap["top64_mass"] < gap["top100_mass"] + 1e-6

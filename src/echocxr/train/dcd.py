@@ -146,6 +146,19 @@ def dcd_loss(
     return loss, logs
 
 
+def topk_kl_gap(teacher_logits: torch.Tensor, student_logits: torch.Tensor, ks=(8, 32, 64)) -> dict:
+    """How much of KL(teacher || student) the top-k + rest objective sees, for each k: mean full
+    KL, mean top-k KL, the teacher mass inside its top-k ([N, V] logits each; docs/DCD.md)."""
+    t, s = teacher_logits.float(), student_logits.float()
+    full = F.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    out = {"full_kl": full.mean().item()}
+    for k in ks:
+        idx, p, rest = topk_target(t.softmax(-1), k)
+        out[f"top{k}_kl"] = kl_topk(s, idx, p, rest).mean().item()
+        out[f"top{k}_mass"] = p.sum(-1).mean().item()
+    return out
+
+
 # -- the student in the RAD layout ---------------------------------------------------------------------
 
 
