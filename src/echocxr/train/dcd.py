@@ -175,14 +175,18 @@ def response_logit_index(prefix: int, response: int, block: int, shift: bool) ->
     return torch.where(first, before, prefix + t - 1)
 
 
-def rad_student_logits(model: EchoVLM, batch, clean: torch.Tensor, block: int, shift: bool) -> torch.Tensor:
-    """One forward over [prefix | all-mask blocks | clean] (RAD layout, masks.rad): logits for every
-    response position [B, R, V], each block predicted fully masked given the clean blocks before it."""
+def rad_student_logits(
+    model: EchoVLM, batch, clean: torch.Tensor, block: int, shift: bool, noisy: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One forward over [prefix | noisy | clean] (RAD layout, masks.rad): logits for every response
+    position [B, R, V]. noisy defaults to all-mask blocks: each block predicted fully masked given
+    the clean blocks before it."""
     from echocxr.decode.common import text_positions
 
     B, P = batch.prompt_ids.shape
     R = clean.shape[1]
-    noisy = torch.full_like(clean, model.special.mask)
+    if noisy is None:
+        noisy = torch.full_like(clean, model.special.mask)
     x = torch.cat(
         [
             model.embed(batch.prompt_ids, batch.pixel_values, batch.grid_thw),
@@ -310,6 +314,7 @@ def distill_examples(corpus: str, n: int, *, image_size: int, seed: int, image_s
 
     from echocxr.batch import Example
     from echocxr.data.images import study_images
+    from echocxr.data.phantom import MIN_SIZE
     from echocxr.data.records import load_corpus
     from echocxr.errors import UserError
 
@@ -317,9 +322,10 @@ def distill_examples(corpus: str, n: int, *, image_size: int, seed: int, image_s
     if not records:
         raise UserError(f"{corpus}: no training records with a report to distil on")
     root = Path(corpus).parent
+    size = max(image_size, MIN_SIZE)  # phantoms have a smallest size; the processor resizes anyway
     out = []
     for r in stratified_sample(records, n, seed):
-        images = study_images(r, size=image_size, seed=seed, epoch=None, source=image_source, root=root)
+        images = study_images(r, size=size, seed=seed, epoch=None, source=image_source, root=root)
         out.append(Example(images, r.language, r.report, r.record_id, {"source": r.source}))
     return out
 
