@@ -153,10 +153,11 @@ def rad_loss(
     x, pos, mask = rad_inputs(model, batch, x_t, freeze_vision=freeze_vision, block=block, flex=flex)
     h = model(x, pos, mask)
     idx = response_logit_index(P, R, block).to(x0.device)
-    logits = model.logits(h[:, idx][masked]).float()  # [N_masked, V]: only the supervised slots
+    logits = model.logits(h[:, idx][masked])  # [N_masked, V]: only the supervised slots
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32 softmax
     target = x0[masked]
     ce = F.cross_entropy(logits, target, reduction="none")  # [N_masked]
-    inv_t = (1.0 / noise.t.to(x0.device)).repeat_interleave(block, dim=1)[masked]
+    inv_t = (1.0 / noise.t.to(x0.device, ce.dtype)).repeat_interleave(block, dim=1)[masked]
     loss = (inv_t * ce).sum() / (rows * R)
     with torch.no_grad():
         is_eos = target == model.special.eos
