@@ -274,7 +274,7 @@ def test_ablation_switches_change_the_objective(tiny):
     assert float(no_eos[0]) == pytest.approx(fwd[1]["kl"], rel=1e-5)
     assert no_w[1]["kl"] != pytest.approx(fwd[1]["kl"])
     # onestep-ft: the CE of the fully masked one-step student on the loop's ground-truth batch
-    from echocxr.decode.onestep import AR_SHIFT
+    from echocxr.train.rad import AR_SHIFT
 
     with torch.no_grad():
         logits = rad_student_logits(model, batch, batch.response_ids, 4, AR_SHIFT)
@@ -290,3 +290,29 @@ def test_topk_kl_gap_report():
     assert gap["top8_kl"] <= gap["top32_kl"] + 1e-5 <= gap["top64_kl"] + 2e-5
     assert gap["top100_kl"] == pytest.approx(gap["full_kl"], rel=1e-4)
     assert 0 < gap["top8_mass"] < gap["top64_mass"] < gap["top100_mass"] + 1e-6
+
+
+def test_phase1_rollouts_from_the_block_decoder_match_phase2_inputs(tiny):
+    """Rollouts from decode.block: targets on every decoded position, and at step 0 (block fully
+    masked, teacher context before it) the teacher's recorded distribution is exactly what the
+    student's RAD-layout forward computes with the teacher's weights."""
+    from echocxr.train.dcd import DCDConfig, DCDStage, collect_rollouts
+
+    model, tok, proc, cfg = tiny
+    rng = np.random.default_rng(4)
+    img = lambda: Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8))  # noqa: E731
+    exs = [Example([img()], lang, None, f"s{i}") for i, lang in enumerate(["en", "zh", "en", "en"])]
+    dcfg = DCDConfig(block_size=4, top_k=16, max_new_tokens=24, collect_batch=3)
+    rollouts, stats = collect_rollouts(model, exs, tok, proc, dcfg)
+    assert stats["rollouts"] + stats["discarded_loops"] == 4 and stats["rollouts"] >= 1
+    stage = DCDStage(dcfg, tok, proc, exs, teacher=model)
+    for r in rollouts:
+        assert len(r.tokens) % 4 == 0 and (r.step >= 0).all() and (r.step < 4).all()
+        torch.testing.assert_close(r.top_p.sum(-1) + r.rest, torch.ones(len(r.tokens)), atol=1e-5, rtol=0)
+    sb, t = stage.student_batch(rollouts, model)
+    with torch.no_grad():
+        probs = rad_student_logits(model, sb, t.tokens, 4).softmax(-1)
+    first = t.step == 0
+    assert first.any()
+    got = probs.gather(-1, t.top_idx)[first]
+    torch.testing.assert_close(got, t.top_p[first], atol=2e-4, rtol=1e-3)

@@ -9,8 +9,8 @@ the previous step) in front of it, with `masks.decode_block(cached, 2B, B)`: blo
 to the cache and itself, so its keys are exactly those of the vanilla commit forward, and block i
 sees it as clean context. One forward per block: N forwards, the same FLOPs, half the launches.
 
-Token shift: the AR-initialised model may predict token j from position j-1 (see `block_logits`).
-Then the first token of block i is read from the last hidden state of block i-1, which both the
+Token shift (`train.rad.AR_SHIFT`, the rule RAD trains with): token j is predicted from slot j-1,
+so the first token of block i is read from the last hidden state of block i-1, which both the
 vanilla commit forward and the fused forward compute; for block 0 it is the prefill's last logits.
 
 A row stops after the block that holds its first EOS; later blocks of that row are filled with EOS
@@ -24,23 +24,7 @@ import torch
 from echocxr.decode.common import Output, cut_at_eos, prefill, sample, text_positions, with_padding
 from echocxr.model.masks import decode_block
 from echocxr.model.vlm import EchoVLM
-
-# Whether block logits use the AR token shift (position j-1 predicts token j). Must match the
-# RAD/DCD training layout; both choices are implemented and tested here.
-AR_SHIFT = True
-
-
-def block_logits(
-    model: EchoVLM, h_block: torch.Tensor, first: torch.Tensor | None, shift: bool
-) -> torch.Tensor:
-    """Hidden states of a block's B input slots [Bsz, B, D] -> logits for its B tokens [Bsz, B, V].
-
-    shift: token j comes from slot j-1; token 0 from `first` [Bsz, V] (the logits at the last
-    committed token before the block). No shift: token j comes from slot j itself.
-    """
-    if not shift:
-        return model.logits(h_block).float()
-    return torch.cat([first[:, None].float(), model.logits(h_block[:, :-1]).float()], dim=1)
+from echocxr.train.rad import AR_SHIFT, logits_for_block  # one shift rule for training and decoding
 
 
 class BlockForward:
@@ -132,7 +116,7 @@ def generate(model: EchoVLM, batch, cfg, *, mode: str | None = None) -> Output:
             h = forward(masked, i * B)
         forwards += 1
         tokens, _ = sample(
-            block_logits(model, h, first, AR_SHIFT), cfg.temperature, cfg.top_k, cfg.top_p, gen
+            logits_for_block(model, h, first, AR_SHIFT), cfg.temperature, cfg.top_k, cfg.top_p, gen
         )
         tokens = torch.where(done[:, None], eos, tokens)
         out[:, i * B : (i + 1) * B] = tokens

@@ -27,13 +27,13 @@ reports, no teacher).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from echocxr.model.masks import dense, rad_rule
 from echocxr.model.vlm import EchoVLM
+from echocxr.train.rad import AR_SHIFT, rad_inputs, response_logit_index
 
 OBJECTIVES = ("dcd", "onestep-ft")
 KL_DIRECTIONS = ("forward", "reverse")
@@ -162,49 +162,27 @@ def topk_kl_gap(teacher_logits: torch.Tensor, student_logits: torch.Tensor, ks=(
 # -- the student in the RAD layout ---------------------------------------------------------------------
 
 
-def response_logit_index(prefix: int, response: int, block: int, shift: bool) -> torch.Tensor:
-    """For each response position t, the slot of [prefix | noisy | clean] whose hidden state
-    predicts it [R]. Without shift: the noisy copy of t. With the AR shift: the noisy slot t-1 inside
-    a block, and for a block's first token the last clean token before it (the prompt's last token
-    for block 0), exactly what the one-step decoder reads (decode/onestep.py)."""
-    t = torch.arange(response)
-    if not shift:
-        return prefix + t
-    first = t % block == 0
-    before = torch.where(t == 0, prefix - 1, prefix + response + t - 1)
-    return torch.where(first, before, prefix + t - 1)
-
-
 def rad_student_logits(
-    model: EchoVLM, batch, clean: torch.Tensor, block: int, shift: bool, noisy: torch.Tensor | None = None
+    model: EchoVLM,
+    batch,
+    clean: torch.Tensor,
+    block: int,
+    shift: bool = AR_SHIFT,
+    noisy: torch.Tensor | None = None,
+    *,
+    flex: bool = False,
 ) -> torch.Tensor:
-    """One forward over [prefix | noisy | clean] (RAD layout, masks.rad): logits for every response
-    position [B, R, V]. noisy defaults to all-mask blocks: each block predicted fully masked given
-    the clean blocks before it."""
-    from echocxr.decode.common import text_positions
-
-    B, P = batch.prompt_ids.shape
-    R = clean.shape[1]
+    """One forward over RAD's layout [prefix | noisy | clean] (`train.rad.rad_inputs`, vision tower
+    frozen): logits for every response position [B, R, V]. noisy defaults to all-mask blocks, so
+    each block is predicted fully masked given the clean blocks before it: the one-step decoder's
+    view of that block (the shift rule is RAD's `response_logit_index`)."""
     if noisy is None:
         noisy = torch.full_like(clean, model.special.mask)
-    x = torch.cat(
-        [
-            model.embed(batch.prompt_ids, batch.pixel_values, batch.grid_thw),
-            model.embed(noisy),
-            model.embed(clean),
-        ],
-        1,
+    P, R = batch.prompt_ids.shape[1], clean.shape[1]
+    x, pos, mask = rad_inputs(
+        model, replace(batch, response_ids=clean), noisy, freeze_vision=True, block=block, flex=flex
     )
-    prompt_pos = model.positions(batch.prompt_ids, batch.grid_thw, valid=batch.prompt_valid)
-    resp_pos = text_positions(
-        prompt_pos.amax(dim=(0, 2)) + 1, 0, R
-    )  # the noisy copy shares the clean positions
-    pos = torch.cat([prompt_pos, resp_pos, resp_pos], 2)
-    S = P + 2 * R
-    valid = torch.cat([batch.prompt_valid, torch.ones(B, 2 * R, dtype=torch.bool, device=clean.device)], 1)
-    own = torch.eye(S, dtype=torch.bool, device=clean.device)  # padded queries keep a key (no NaN rows)
-    mask = (dense(rad_rule(P, R, block), S, S, device=clean.device)[None] & valid[:, None, :]) | own
-    h = model(x, pos, mask[:, None])
+    h = model(x, pos, mask)
     return model.logits(h[:, response_logit_index(P, R, block, shift).to(clean.device)])
 
 
@@ -432,8 +410,6 @@ class DCDStage:
         print(f"dcd round {round_idx}: " + " ".join(f"{k}={v}" for k, v in self.collect_stats[-1].items()))
 
     def loss(self, model: EchoVLM, batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        from echocxr.decode.onestep import AR_SHIFT
-
         if self.cfg.objective == "onestep-ft":
             return onestep_ft_loss(model, batch, self.cfg.block_size, AR_SHIFT)
         if self.round < 0:  # a loop without round hooks: collect once
