@@ -391,6 +391,19 @@ class DCDStage:
     def rounds(self) -> int:
         return self.cfg.rounds
 
+    @property
+    def checkpoint_meta(self) -> dict:
+        """Saved beside the weights (echocxr.json): decoders read the block size from it."""
+        from dataclasses import asdict
+
+        return {
+            "stage": "dcd",
+            "block_size": self.cfg.block_size,
+            "ar_shift": AR_SHIFT,
+            "dcd": asdict(self.cfg),
+            "dcd_rounds": self.collect_stats,
+        }
+
     def on_round_start(self, model: EchoVLM, round_idx: int) -> None:
         if self.cfg.objective != "dcd" or round_idx == self.round:
             return
@@ -536,6 +549,7 @@ def build_stage(args, model: EchoVLM, tokenizer, processor) -> DCDStage:
         collect_batch=args.collect_batch,
         seed=args.seed,
     )
+    model.visual.requires_grad_(False)  # DCDStage.freeze_vision, as in RAD
     if cfg.objective == "onestep-ft":
         return DCDStage(cfg, tokenizer, processor, [], None)
     if args.teacher:
