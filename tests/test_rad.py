@@ -210,3 +210,49 @@ def test_cross_entropy_reference_matches_torch():
     want = F.cross_entropy(logits, y, reduction="none")
     got = torch.stack([-torch.log_softmax(logits[i], -1)[y[i]] for i in range(3)])
     torch.testing.assert_close(got, want)
+
+
+# -- echocxr bench rad -----------------------------------------------------------------------------
+
+
+def test_bench_counts_match_closed_forms():
+    from echocxr.bench.rad_flops import attention_pairs, layouts
+
+    V, R, Bk = 37, 24, 8
+    lay_rad, lay_sym = layouts(V, R, Bk)
+    assert lay_rad.seq == V + 2 * R and lay_sym.seq == 2 * (V + R)
+    nb = R // Bk
+    want = (
+        V * (V + 1) // 2  # causal prefix
+        + 2 * R * V  # both response copies see the whole prefix
+        + nb * Bk * Bk  # noisy blocks, bidirectional
+        + sum(Bk * i * Bk for i in range(nb))  # noisy block i -> clean blocks < i
+        + sum(Bk * (i + 1) * Bk for i in range(nb))  # clean block i -> clean blocks <= i
+    )
+    pairs = attention_pairs(lay_rad.mask(), tile=16)
+    assert pairs["exact"] == want
+    assert pairs["dense"] == lay_rad.seq**2
+    n_tiles = -(-lay_rad.seq // 16)
+    assert pairs["exact"] <= pairs["tiles"] < n_tiles * n_tiles * 256  # some tiles are skipped
+
+
+def test_bench_cli_runs_on_tiny(tmp_path, capsys):
+    import json
+
+    from echocxr.bench import rad_flops
+
+    parser = argparse.ArgumentParser()
+    rad_flops.add_arguments(parser)
+    out = tmp_path / "rad.jsonl"
+    args = parser.parse_args(
+        "--preset tiny --vision 24,40 --response 16 --block-size 4 --steps 1 --warmup 0".split()
+        + ["--append", str(out)]
+    )
+    assert rad_flops.run(args) == 0
+    lines = [json.loads(s) for s in out.read_text().splitlines()]
+    assert [r["V"] for r in lines] == [24, 40]
+    for r in lines:
+        V, R = r["V"], r["R"]
+        assert r["flop_ratio_linear"] == pytest.approx(2 * (V + R) / (V + 2 * R))
+        assert r["step_s"]["rad"] > 0 and r["step_s"]["symmetric"] > 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
