@@ -77,6 +77,8 @@ def test_cached_equals_uncached_reference(tiny, strategy):
     slow = block_decoder.generate(model, batch, dc, reference=True)
     assert fast.tokens == slow.tokens
     assert fast.forwards == slow.forwards
+    # the static-shape step (whole-capacity attention, KV written at a position tensor) agrees too
+    assert block_decoder.generate(model, batch, dc, mode="static").tokens == fast.tokens
 
 
 def test_rows_stop_at_their_own_eos(tiny):

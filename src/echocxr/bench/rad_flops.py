@@ -65,9 +65,9 @@ def attention_pairs(mask: torch.Tensor, tile: int = FLEX_TILE) -> dict[str, int]
 
 def analytic_flops(cfg, layout: Layout, R: int) -> dict:
     """Forward + backward FLOPs of one step for one sequence."""
-    D, F_, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    D, ffn, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
     kv = cfg.num_kv_heads * cfg.head_dim
-    linear_params = L * (2 * D * D + 2 * D * kv + 3 * D * F_)
+    linear_params = L * (2 * D * D + 2 * D * kv + 3 * D * ffn)
     S = layout.seq
     pairs = attention_pairs(layout.mask())
     per_pair = 4 * cfg.num_heads * cfg.head_dim * L

@@ -33,8 +33,9 @@ from dataclasses import dataclass
 
 import torch
 
-from echocxr.decode.common import Output, cut_at_eos, prefill, sample, text_positions, with_padding
-from echocxr.model.masks import block_causal, decode_block
+from echocxr.decode.common import Output, cut_at_eos, prefill, sample, text_positions
+from echocxr.decode.onestep import BlockForward
+from echocxr.model.masks import block_causal
 from echocxr.model.vlm import EchoVLM
 from echocxr.train.rad import AR_SHIFT, logits_for_block
 
@@ -58,28 +59,25 @@ Trajectory = list[list[list[StepRecord]]]
 
 
 class CachedContext:
-    """Block forwards over the exact KV cache (the fast path)."""
+    """Block forwards over the exact KV cache (the fast path). `mode` picks how a forward runs
+    (`onestep.BlockForward`: "eager", or the static-shape "static" / CUDA-graph "graph" step)."""
 
-    def __init__(self, model: EchoVLM, batch, n_tokens: int, block: int):
-        self.model, self.block = model, block
+    def __init__(self, model: EchoVLM, batch, n_tokens: int, block: int, mode: str | None = None):
+        self.model = model
         pre = prefill(model, batch, n_tokens)
-        self.cache, self.next_pos = pre.cache, pre.next_pos
+        self.cache = pre.cache
         self.first = pre.last_logits  # [rows, V] logits at the last committed token
+        self.mode = mode or ("graph" if pre.last_logits.is_cuda else "eager")
+        self.forward = BlockForward(model, pre.cache, pre.next_pos, block, self.mode)
         self.offset = 0  # response tokens committed so far
-
-    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
-        cache, Q = self.cache, ids.shape[1]
-        mask = with_padding(cache, decode_block(cache.length, Q, self.block, ids.device))
-        pos = text_positions(self.next_pos, self.offset, Q)
-        return self.model(self.model.embed(ids), pos, mask, cache=cache)
 
     def denoise(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [rows, B] (mask tokens and committed ones) -> (hidden [rows, B, D], first [rows, V]).
         Writes the block's keys past the committed length without committing them."""
-        return self._forward(ids), self.first
+        return self.forward(ids, self.offset), self.first
 
     def commit(self, ids: torch.Tensor) -> None:
-        h = self._forward(ids)
+        h = self.forward(ids, self.offset)
         self.cache.commit(ids.shape[1])
         self.offset += ids.shape[1]
         self.first = self.model.logits(h[:, -1]).float()
@@ -146,10 +144,15 @@ def _record(positions, tokens, conf, probs, k: int) -> StepRecord:
 
 
 @torch.no_grad()
-def generate(model: EchoVLM, batch, cfg, *, reference: bool = False) -> Output:
+def generate(model: EchoVLM, batch, cfg, *, reference: bool = False, mode: str | None = None) -> Output:
+    """reference: the uncached slow path. mode: "eager" | "static" | "graph" for the cached path
+    (default: graph on CUDA, eager elsewhere; see `onestep.BlockForward`)."""
     B, K, eos, mask_id = cfg.block_size, cfg.steps, model.special.eos, model.special.mask
     n_blocks = -(-cfg.max_new_tokens // B)
-    ctx = (UncachedContext if reference else CachedContext)(model, batch, n_blocks * B, B)
+    if reference:
+        ctx = UncachedContext(model, batch, n_blocks * B, B)
+    else:
+        ctx = CachedContext(model, batch, n_blocks * B, B, mode)
     rows, device = batch.size, batch.prompt_ids.device
     gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.temperature > 0 else None
     out = torch.full((rows, n_blocks * B), eos, dtype=torch.long, device=device)
@@ -187,6 +190,7 @@ def generate(model: EchoVLM, batch, cfg, *, reference: bool = False) -> Output:
         forwards += 1
     tokens = [t[: cfg.max_new_tokens] for t in cut_at_eos(out[:, : (i + 1) * B].cpu(), eos)]
     stats = {"blocks": i + 1, "denoise_steps": steps_run, "shift": AR_SHIFT, "strategy": cfg.strategy}
+    stats["mode"] = "reference" if reference else ctx.mode
     return Output(tokens, forwards, trajectory, stats)
 
 
