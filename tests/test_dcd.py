@@ -369,6 +369,7 @@ def test_build_stage_runs_a_round_and_trains(tiny, tmp_path):
             str(tmp_path / "rad"),
         ]
         + ["--distill-studies", "6", "--max-new-tokens", "12", "--top-k", "8", "--collect-batch", "4"]
+        + ["--rounds", "2", "--refresh", "student"]
     )
     student, tok2, proc2, _ = EchoVLM.from_pretrained(tmp_path / "rad")
     stage = build_stage(args, student, tok2, proc2)
