@@ -378,8 +378,19 @@ class DCDStage:
     name = "dcd"
     freeze_vision = True
 
-    def __init__(self, cfg: DCDConfig, tokenizer, processor, examples: list, teacher: EchoVLM | None):
+    def __init__(
+        self,
+        cfg: DCDConfig,
+        tokenizer,
+        processor,
+        examples: list,
+        teacher: EchoVLM | None,
+        total_steps: int | None = None,
+    ):
         self.cfg = cfg
+        self.total_steps = total_steps  # with it, rounds start at step r * total_steps // rounds
+        # DCD trains on its own rollouts: a loop may skip loading its batches (only .size is read)
+        self.uses_loop_batches = cfg.objective == "onestep-ft"
         self.multiple_of = cfg.block_size
         self.tokenizer, self.processor = tokenizer, processor
         self.examples, self.teacher = examples, teacher
@@ -405,7 +416,7 @@ class DCDStage:
         }
 
     def on_round_start(self, model: EchoVLM, round_idx: int) -> None:
-        if self.cfg.objective != "dcd" or round_idx == self.round:
+        if self.cfg.objective != "dcd" or round_idx <= self.round:
             return
         use_student = self.cfg.refresh == "student" and round_idx > 0
         decoder = model if use_student else self.teacher.to(model.device)
@@ -425,8 +436,15 @@ class DCDStage:
     def loss(self, model: EchoVLM, batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         if self.cfg.objective == "onestep-ft":
             return onestep_ft_loss(model, batch, self.cfg.block_size, AR_SHIFT)
-        if self.round < 0:  # a loop without round hooks: collect once
-            self.on_round_start(model, 0)
+        # The round schedule does not depend on the loop calling on_round_start (a loop that does
+        # call it with the same indices triggers nothing twice; a resumed run keeps its round).
+        r = (
+            0
+            if not self.total_steps
+            else min(self.cfg.rounds - 1, step * self.cfg.rounds // self.total_steps)
+        )
+        if r > self.round:
+            self.on_round_start(model, r)
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
         pick = torch.randint(len(self.rollouts), (batch.size,), generator=g).tolist()
         student_batch, targets = self.student_batch([self.rollouts[i] for i in pick], model)
@@ -551,7 +569,7 @@ def build_stage(args, model: EchoVLM, tokenizer, processor) -> DCDStage:
     )
     model.visual.requires_grad_(False)  # DCDStage.freeze_vision, as in RAD
     if cfg.objective == "onestep-ft":
-        return DCDStage(cfg, tokenizer, processor, [], None)
+        return DCDStage(cfg, tokenizer, processor, [], None, getattr(args, "steps", None))
     if args.teacher:
         teacher, *_ = EchoVLM.from_pretrained(args.teacher)
     else:  # the student starts as the teacher; keep a frozen copy to decode from
@@ -564,4 +582,4 @@ def build_stage(args, model: EchoVLM, tokenizer, processor) -> DCDStage:
         seed=args.seed,
         image_source=getattr(args, "image_source", "auto"),
     )
-    return DCDStage(cfg, tokenizer, processor, examples, teacher)
+    return DCDStage(cfg, tokenizer, processor, examples, teacher, getattr(args, "steps", None))
