@@ -227,7 +227,8 @@ def _synthetic_stage(model, tok, proc, cfg, **kw):
     img = lambda: Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8))  # noqa: E731
     exs = [Example([img()], "en", None, f"s{i}") for i in range(3)]
     dcfg = DCDConfig(block_size=4, top_k=8, **kw)
-    stage = DCDStage(dcfg, tok, proc, exs, teacher=None)
+    stage = DCDStage(dcfg, tok, proc, lambda r: exs, teacher=None)
+    stage.examples = exs
     g = torch.Generator().manual_seed(0)
     eos, V = model.special.eos, model.vocab_size
     for i, R in enumerate((8, 12, 4)):
@@ -307,7 +308,8 @@ def test_phase1_rollouts_from_the_block_decoder_match_phase2_inputs(tiny):
     dcfg = DCDConfig(block_size=4, top_k=16, max_new_tokens=24, collect_batch=3)
     rollouts, stats = collect_rollouts(model, exs, tok, proc, dcfg)
     assert stats["rollouts"] + stats["discarded_loops"] == 4 and stats["rollouts"] >= 1
-    stage = DCDStage(dcfg, tok, proc, exs, teacher=model)
+    stage = DCDStage(dcfg, tok, proc, lambda r: exs, teacher=model)
+    stage.examples = exs
     for r in rollouts:
         assert len(r.tokens) % 4 == 0 and (r.step >= 0).all() and (r.step < 4).all()
         torch.testing.assert_close(r.top_p.sum(-1) + r.rest, torch.ones(len(r.tokens)), atol=1e-5, rtol=0)
@@ -374,10 +376,11 @@ def test_build_stage_runs_a_round_and_trains(tiny, tmp_path):
     )
     student, tok2, proc2, _ = EchoVLM.from_pretrained(tmp_path / "rad")
     stage = build_stage(args, student, tok2, proc2)
-    assert stage.cfg.block_size == 4 and stage.multiple_of == 4 and len(stage.examples) == 6
-    assert {ex.record_id.split(":")[0] for ex in stage.examples} == {"iu", "mimic", "chexpert"}
+    assert stage.cfg.block_size == 4 and stage.multiple_of == 4
     assert not any(p.requires_grad for p in student.visual.parameters())
     stage.on_round_start(student, 0)
+    assert len(stage.examples) == 6
+    assert {ex.record_id.split(":")[0] for ex in stage.examples} == {"iu", "mimic", "chexpert"}
     stage.on_round_start(student, 0)  # a loop repeating the hook collects nothing twice
     assert (
         len(stage.collect_stats) == 1

@@ -20,9 +20,12 @@ KL over k + 1 buckets: the teacher's top-k tokens and one "rest" bucket (the stu
 the teacher's top-k). That coarsening can only lower the KL (data-processing inequality); docs/DCD.md
 gives the measured gap for k = 8, 32, 64.
 
-Ablations: `kl="reverse"` (KL(q || p) on the same buckets), `step_weight=False` (w_j = 1),
-`eos_loss=False`, `objective="onestep-ft"` (cross-entropy of the one-step student on ground-truth
-reports, no teacher).
+Rounds: each round draws a fresh distillation set (seeded by the round) and decodes it with the
+teacher or the current student (`refresh`).
+
+Ablations: `kl="reverse"` (KL(q || p) on the same buckets), `alpha=0` (w_j = 1), `eos_weight=0`,
+`objective="onestep-ft"` (cross-entropy of the one-step student on ground-truth reports, no
+teacher).
 """
 
 from __future__ import annotations
@@ -285,9 +288,17 @@ def stratified_sample(records: list, n: int, seed: int) -> list:
     return out
 
 
-def distill_examples(corpus: str, n: int, *, image_size: int, seed: int, image_source: str = "auto") -> list:
-    """The distillation set: n training studies sampled across sources, each rendered once, so
-    the student trains on the very images the teacher decoded."""
+def distill_examples(
+    corpus: str,
+    n: int,
+    *,
+    image_size: int,
+    seed: int,
+    sample_seed: int | None = None,
+    image_source: str = "auto",
+) -> list:
+    """A distillation set: n training studies sampled across sources (`sample_seed`), each rendered
+    once (phantom `seed`), so the student trains on the very images the teacher decoded."""
     from pathlib import Path
 
     from echocxr.batch import Example
@@ -302,7 +313,7 @@ def distill_examples(corpus: str, n: int, *, image_size: int, seed: int, image_s
     root = Path(corpus).parent
     size = max(image_size, MIN_SIZE)  # phantoms have a smallest size; the processor resizes anyway
     out = []
-    for r in stratified_sample(records, n, seed):
+    for r in stratified_sample(records, n, seed if sample_seed is None else sample_seed):
         images = study_images(r, size=size, seed=seed, epoch=None, source=image_source, root=root)
         out.append(Example(images, r.language, r.report, r.record_id, {"source": r.source}))
     return out
@@ -373,7 +384,8 @@ def collect_rollouts(
 class DCDStage:
     """Stage 3 for the shared loop. The loop's batches (ground-truth reports) feed only the
     `onestep-ft` ablation; DCD draws its batches from its own rollouts, since a target exists only
-    for studies the teacher decoded, on the images it saw."""
+    for studies the teacher decoded, on the images it saw. `distill_set(round)` gives the studies
+    of a round (deterministic, so a resumed run rebuilds them)."""
 
     name = "dcd"
     freeze_vision = True
@@ -383,7 +395,7 @@ class DCDStage:
         cfg: DCDConfig,
         tokenizer,
         processor,
-        examples: list,
+        distill_set,
         teacher: EchoVLM | None,
         total_steps: int | None = None,
     ):
@@ -393,7 +405,8 @@ class DCDStage:
         self.uses_loop_batches = cfg.objective == "onestep-ft"
         self.multiple_of = cfg.block_size
         self.tokenizer, self.processor = tokenizer, processor
-        self.examples, self.teacher = examples, teacher
+        self.distill_set, self.teacher = distill_set, teacher
+        self.examples: list = []  # this round's studies
         self.rollouts: list[Rollout] = []
         self.round = -1
         self.collect_stats: list[dict] = []
@@ -420,6 +433,7 @@ class DCDStage:
             return
         use_student = self.cfg.refresh == "student" and round_idx > 0
         decoder = model if use_student else self.teacher.to(model.device)
+        self.examples = self.distill_set(round_idx)
         self.rollouts, stats = collect_rollouts(
             decoder, self.examples, self.tokenizer, self.processor, self.cfg
         )
@@ -495,6 +509,7 @@ class DCDStage:
 
     def load_state_dict(self, state: dict) -> None:
         self.round, self.collect_stats = state["round"], list(state["collect_stats"])
+        self.examples = self.distill_set(self.round) if self.round >= 0 else []
         self.rollouts = [
             Rollout(d["example"], d["tokens"], d["step"], d["top_idx"], d["top_p"], d["rest"])
             for d in state["rollouts"]
@@ -569,17 +584,21 @@ def build_stage(args, model: EchoVLM, tokenizer, processor) -> DCDStage:
     )
     model.visual.requires_grad_(False)  # DCDStage.freeze_vision, as in RAD
     if cfg.objective == "onestep-ft":
-        return DCDStage(cfg, tokenizer, processor, [], None, getattr(args, "steps", None))
+        return DCDStage(cfg, tokenizer, processor, lambda r: [], None, getattr(args, "steps", None))
     if args.teacher:
         teacher, *_ = EchoVLM.from_pretrained(args.teacher)
     else:  # the student starts as the teacher; keep a frozen copy to decode from
         teacher = copy.deepcopy(model)
     teacher.eval().requires_grad_(False)
-    examples = distill_examples(
-        args.corpus,
-        cfg.distill_studies,
-        image_size=model.config.image_size,
-        seed=args.seed,
-        image_source=getattr(args, "image_source", "auto"),
-    )
-    return DCDStage(cfg, tokenizer, processor, examples, teacher, getattr(args, "steps", None))
+
+    def distill_set(round_idx: int) -> list:
+        return distill_examples(
+            args.corpus,
+            cfg.distill_studies,
+            image_size=model.config.image_size,
+            seed=args.seed,
+            sample_seed=args.seed * 1_000_003 + round_idx,
+            image_source=getattr(args, "image_source", "auto"),
+        )
+
+    return DCDStage(cfg, tokenizer, processor, distill_set, teacher, getattr(args, "steps", None))
