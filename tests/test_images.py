@@ -1,0 +1,128 @@
+"""Image loading (PNG, JPEG, DICOM, corrupt files) and `study_images` (real files vs phantoms)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from echocxr.data.images import load_image, study_images
+from echocxr.data.records import ImageRef, Record
+from echocxr.errors import UserError
+
+
+def test_real_radiographs_load(iu_images):
+    files = sorted(iu_images.glob("*.png"))
+    assert len(files) == 4
+    for p in files:
+        img = load_image(p)
+        assert img.mode == "L" and min(img.size) > 100
+        assert np.asarray(img).std() > 10
+
+
+def test_jpeg_and_16bit_png(tmp_path):
+    arr = (np.arange(64 * 64).reshape(64, 64) % 256).astype(np.uint8)
+    Image.fromarray(arr).convert("RGB").save(tmp_path / "a.jpg")
+    assert load_image(tmp_path / "a.jpg").mode == "L"
+    wide = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(wide).save(tmp_path / "b.png")
+    out = np.asarray(load_image(tmp_path / "b.png"))
+    assert out.dtype == np.uint8 and out.min() == 0 and out.max() == 255
+
+
+def _write_dicom(path, pixels: np.ndarray, photometric: str, window=None):
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.PixelRepresentation = 0
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_dicom_monochrome1_is_inverted_and_windowed(tmp_path):
+    # A gradient: low stored values on the left. MONOCHROME2 shows them dark, MONOCHROME1 bright.
+    ramp = np.tile(np.linspace(0, 4000, 80), (60, 1))
+    _write_dicom(tmp_path / "m2.dcm", ramp, "MONOCHROME2")
+    _write_dicom(tmp_path / "m1.dcm", ramp, "MONOCHROME1")
+    m2 = np.asarray(load_image(tmp_path / "m2.dcm"), dtype=int)
+    m1 = np.asarray(load_image(tmp_path / "m1.dcm"), dtype=int)
+    assert m2[:, :5].mean() < 20 and m2[:, -5:].mean() > 235
+    assert m1[:, :5].mean() > 235 and m1[:, -5:].mean() < 20
+    # A stated window (centre 2000, width 1000) saturates values outside [1500, 2500].
+    _write_dicom(tmp_path / "w.dcm", ramp, "MONOCHROME2", window=(2000, 1000))
+    w = np.asarray(load_image(tmp_path / "w.dcm"), dtype=int)
+    assert (w == 0).mean() > 0.3 and (w == 255).mean() > 0.3
+    # A DICOM without the .dcm suffix is recognised by its preamble.
+    (tmp_path / "m2.dcm").rename(tmp_path / "noext")
+    assert np.array_equal(np.asarray(load_image(tmp_path / "noext"), dtype=int), m2)
+
+
+def test_bad_files_raise_user_error_naming_the_file(tmp_path):
+    with pytest.raises(UserError, match="missing.png"):
+        load_image(tmp_path / "missing.png")
+    Image.fromarray(np.zeros((50, 50), np.uint8)).save(tmp_path / "ok.png")
+    data = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="cut.png"):
+        load_image(tmp_path / "cut.png")
+    (tmp_path / "junk.png").write_bytes(b"not an image at all")
+    with pytest.raises(UserError, match="junk.png"):
+        load_image(tmp_path / "junk.png")
+    (tmp_path / "bad.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00garbage")
+    with pytest.raises(UserError, match="bad.dcm"):
+        load_image(tmp_path / "bad.dcm")
+
+
+def _record(images=(), **kw) -> Record:
+    return Record("iu:T1", "iu:T1", "iu", images=list(images), mesh=["Cardiomegaly/severe"], **kw)
+
+
+def test_study_images_real_phantom_and_auto(iu_images):
+    front, lat = iu_images / "CXR7_IM-2263-1001.png", iu_images / "CXR7_IM-2263-2001.png"
+    rec = _record([ImageRef(str(front), "frontal"), ImageRef(str(lat), "lateral")])
+    real = study_images(rec, size=128, seed=0, views=("frontal", "lateral"))
+    assert [im.size for im in real] == [(128, 128)] * 2
+    # The real frontal file, resized: matches load_image's pixels after the same resize.
+    ref = load_image(front)
+    assert np.asarray(real[0]).mean() == pytest.approx(np.asarray(ref.resize((128, 128))).mean(), abs=20)
+    ph = study_images(rec, size=128, seed=0, source="phantom")
+    assert not np.array_equal(np.asarray(ph[0]), np.asarray(real[0]))
+    # Relative paths resolve against root; missing files fall back to phantoms under "auto".
+    rel = _record([ImageRef(front.name, "PA")])
+    assert np.array_equal(
+        np.asarray(study_images(rel, size=128, seed=0, root=iu_images)[0]), np.asarray(real[0])
+    )
+    gone = _record([ImageRef("nowhere/x.png", "PA")])
+    auto = study_images(gone, size=128, seed=0)
+    assert np.array_equal(np.asarray(auto[0]), np.asarray(ph[0]))
+    with pytest.raises(UserError, match="iu:T1"):
+        study_images(gone, size=128, seed=0, source="real")
+
+
+def test_study_images_determinism_and_epochs():
+    rec = _record()
+    a = np.asarray(study_images(rec, size=112, seed=3)[0])
+    assert np.array_equal(a, np.asarray(study_images(rec, size=112, seed=3, epoch=None)[0]))
+    e0 = np.asarray(study_images(rec, size=112, seed=3, epoch=0)[0])
+    e1 = np.asarray(study_images(rec, size=112, seed=3, epoch=1)[0])
+    assert not np.array_equal(e0, e1) and not np.array_equal(a, e0)
+    assert np.array_equal(e1, np.asarray(study_images(rec, size=112, seed=3, epoch=1)[0]))
+    assert not np.array_equal(a, np.asarray(study_images(rec, size=112, seed=4)[0]))
+    both = study_images(rec, size=112, seed=3, views=("frontal", "lateral"))
+    assert len(both) == 2 and not np.array_equal(np.asarray(both[0]), np.asarray(both[1]))
+    with pytest.raises(ValueError):
+        study_images(rec, size=112, seed=0, source="camera")
