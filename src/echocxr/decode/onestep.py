@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from echocxr.decode.common import Output, cut_at_eos, prefill, sample, text_positions, with_padding
+from echocxr.decode.graphs import GraphStep, StaticKV, compiled_step, full_capacity
 from echocxr.model.masks import decode_block
 from echocxr.model.vlm import EchoVLM
 from echocxr.train.rad import AR_SHIFT, logits_for_block  # one shift rule for training and decoding
@@ -31,14 +32,22 @@ class BlockForward:
     """One forward over whole blocks placed after the committed slots -> hidden [Bsz, Q, D].
 
     mode "eager": attend to the used slots only (shapes grow block by block). "static": fixed
-    shapes, attention over the whole cache capacity with a mask and KV written by `index_copy_` at
-    a position tensor, so one shape per query length. "graph": static, captured once per query
-    length as a CUDA graph and replayed (CUDA only; unmeasured, see docs/DCD.md). The three agree.
+    shapes, attention over the whole cache capacity with a mask and KV written at a position
+    tensor (`decode.graphs.StaticKV`), one shape per query length. "graph": the static step
+    replayed as a CUDA graph (`graphs.GraphStep`), "compile": the static step under
+    `torch.compile(mode="reduce-overhead")` (CUDA only, unmeasured; see docs/DCD.md). All agree.
     """
 
+    MODES = ("eager", "static", "graph", "compile")
+
     def __init__(self, model: EchoVLM, cache, next_pos: torch.Tensor, block: int, mode: str):
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}, not {mode!r}")
         self.model, self.cache, self.next_pos, self.block, self.mode = model, cache, next_pos, block, mode
-        self.graphs: dict[int, tuple] = {}
+        self.static_kv = StaticKV(cache)
+        self.step = {"static": self._static, "graph": GraphStep(self._static)}.get(mode)
+        if mode == "compile":
+            self.step = compiled_step(self._static)
 
     def __call__(self, ids: torch.Tensor, offset: int) -> torch.Tensor:
         cache, Q = self.cache, ids.shape[1]
@@ -46,53 +55,16 @@ class BlockForward:
         mask = with_padding(cache, decode_block(cache.length, Q, self.block, ids.device))
         if self.mode == "eager":
             return self.model(self.model.embed(ids), pos, mask, cache=cache)
-        full = torch.zeros(*mask.shape[:3], cache.capacity, dtype=torch.bool, device=ids.device)
-        full[..., : mask.shape[-1]] = mask  # slots past the new tokens: stale, never attended
         start = torch.tensor([cache.length], device=ids.device)
-        if self.mode == "graph":
-            return self._replay(ids, pos, full, start)
-        return self._static(ids, pos, full, start)
-
-    def write(self, layer: int, start: torch.Tensor, k_new, v_new, kv_len=None):
-        """The cache protocol `EchoVLM.forward` calls, at a position tensor: static shapes."""
-        idx = start + torch.arange(k_new.shape[2], device=k_new.device)
-        self.cache.k[layer].index_copy_(2, idx, k_new)
-        self.cache.v[layer].index_copy_(2, idx, v_new)
-        return self.cache.k[layer], self.cache.v[layer]
+        return self.step(ids, pos, full_capacity(mask, cache.capacity), start)
 
     def _static(self, ids, pos, mask, start):
-        return self.model(self.model.embed(ids), pos, mask, cache=self, start=start)
-
-    def _replay(self, *inputs):
-        Q = inputs[0].shape[1]
-        if self.graphs.get(Q, 0) is None:  # capture failed before: run the same static step uncaptured
-            return self._static(*inputs)
-        if Q not in self.graphs:
-            bufs = tuple(x.clone() for x in inputs)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up: writes the very KV this step writes anyway
-                self._static(*bufs)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.graph(graph):
-                    out = self._static(*bufs)
-            except RuntimeError as e:  # an op that cannot be captured: say so, stay correct
-                print(f"onestep: CUDA graph capture failed ({e}); running the static step uncaptured")
-                self.graphs[Q] = None
-                return self._static(*inputs)
-            self.graphs[Q] = (graph, bufs, out)
-        graph, bufs, out = self.graphs[Q]
-        for buf, x in zip(bufs, inputs, strict=True):
-            buf.copy_(x)
-        graph.replay()
-        return out  # a static buffer: valid until the next replay
+        return self.model(self.model.embed(ids), pos, mask, cache=self.static_kv, start=start)
 
 
 @torch.no_grad()
 def generate(model: EchoVLM, batch, cfg, *, mode: str | None = None) -> Output:
-    """mode: "eager" | "static" | "graph" (see BlockForward); default: graph on CUDA, else eager."""
+    """mode: see BlockForward; default: graph on CUDA, else eager."""
     B, eos, mask_id = cfg.block_size, model.special.eos, model.special.mask
     n_blocks = -(-cfg.max_new_tokens // B)
     # extra_slots: in the fused step the mask block sits one block past the committed length
