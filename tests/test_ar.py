@@ -162,3 +162,17 @@ def test_sampling_is_seeded_and_differs_from_greedy(tiny):
     assert a == b
     assert generate(model, batch, replace(dc, seed=4)).tokens != a
     assert a != generate(model, batch, DecodeConfig(max_new_tokens=N)).tokens
+
+
+@pytest.mark.gpu
+def test_cuda_graph_and_compile_steps_equal_eager_on_gpu(tiny):
+    model, _, _, _, batch = tiny
+    model, batch = model.cuda(), batch.to("cuda")
+    try:
+        dc = DecodeConfig(max_new_tokens=N)
+        eager = ar_generate(model, batch, dc, mode="eager").tokens
+        assert ar_generate(model, batch, dc, mode="static").tokens == eager
+        assert ar_generate(model, batch, dc, mode="graph").tokens == eager
+        assert ar_generate(model, batch, dc, mode="compile").tokens == eager
+    finally:
+        model.cpu()
