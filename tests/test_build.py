@@ -1,0 +1,258 @@
+"""`echocxr data build` end to end on small IU-layout archives built in the test."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from echocxr.cli import main as cli_main
+from echocxr.data.build import BuildConfig, build, drop_reason, fingerprint, is_placeholder
+from echocxr.data.records import Record, read_jsonl
+from echocxr.errors import UserError
+
+XML = """<?xml version="1.0" encoding="utf-8"?>
+<eCitation>
+  <uId id="CXR{n}"/>
+  <MedlineCitation><Article><Abstract>
+    <AbstractText Label="INDICATION">Cough</AbstractText>
+    <AbstractText Label="FINDINGS">{findings}</AbstractText>
+    <AbstractText Label="IMPRESSION">{impression}</AbstractText>
+  </Abstract></Article></MedlineCitation>
+  <MeSH><major>normal</major></MeSH>
+  <parentImage id="CXR{n}_IM-0001-1001"><caption>{caption}</caption></parentImage>
+</eCitation>
+"""
+
+NORMAL_F = "The heart is normal in size. The mediastinum is unremarkable. The lungs are clear."
+# Reports worded differently so the near-duplicate pass has distinct texts to keep.
+VARIED = [
+    ("Mild cardiomegaly. No pleural effusion or pneumothorax.", "Mild cardiomegaly."),
+    ("Small right pleural effusion. Heart size normal.", "Small right pleural effusion."),
+    ("Left lower lobe opacity concerning for pneumonia. No pneumothorax.", "Left lower lobe pneumonia."),
+    ("Large left pneumothorax. No effusion.", "Large left pneumothorax."),
+    ("Degenerative changes of the thoracic spine. Lungs are clear.", "No acute disease."),
+    ("Calcified granuloma in the right upper lobe. No focal consolidation.", "No acute process."),
+    ("Heart size is upper normal. Mild pulmonary edema.", "Mild edema."),
+    ("Right PICC line tip in the SVC. Lungs clear.", "PICC in good position."),
+    ("Hyperinflated lungs. No consolidation.", "Emphysema."),
+    ("Bibasilar atelectasis. No effusion.", "Bibasilar atelectasis."),
+]
+
+
+def _tgz(path: Path, files: dict[str, str]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"ecgen-radiology/{name}")
+            info.size = len(data)
+            info.mtime = 0
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _archive(tmp_path: Path) -> Path:
+    """40 studies: templated normals, varied abnormals, drops of each kind, one malformed file."""
+    files: dict[str, str] = {}
+    n = 1
+
+    def add(findings: str, impression: str, caption: str = "Xray Chest PA and Lateral") -> None:
+        nonlocal n
+        files[f"{n}.xml"] = XML.format(n=n, findings=findings, impression=impression, caption=caption)
+        n += 1
+
+    for _ in range(20):  # identical templated normal reports
+        add(NORMAL_F, "No acute cardiopulmonary abnormality.")
+    for f, i in VARIED:
+        add(f, i)
+    add("", "No acute disease.")  # no FINDINGS: dropped
+    add(NORMAL_F, "")  # no IMPRESSION: dropped
+    add("", "")  # empty report
+    add("Please see impression.", "Normal chest.")  # placeholder findings
+    add(NORMAL_F, "Normal chest.", caption="Xray Chest PA and Lateral and Knee")  # not chest only
+    files["broken.xml"] = "<eCitation><uId id='CXR999'/><MedlineCitation>"  # malformed XML
+    return _tgz(tmp_path / "NLMCXR_reports.tgz", files)
+
+
+def _cfg(tmp_path: Path, archive: Path, **kw) -> BuildConfig:
+    base = dict(
+        out=str(tmp_path / "out"),
+        iu=str(archive),
+        eval_size=4,
+        val_frac=0.1,
+        test_frac=0.3,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    base.update(kw)
+    return BuildConfig(**base)
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    names = ("corpus.jsonl", "eval_en.jsonl", "eval_zh.jsonl", "data_card.json", "data_card.md")
+    return {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in names}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("build")
+    archive = _archive(tmp)
+    cfg = _cfg(tmp, archive)
+    card = build(cfg)
+    return tmp, archive, cfg, card
+
+
+def test_build_outputs_and_card(built):
+    tmp, _, cfg, card = built
+    out = Path(cfg.out)
+    corpus = list(read_jsonl(out / "corpus.jsonl"))
+    en = [r for r in corpus if r.language == "en"]
+    zh = [r for r in corpus if r.language == "zh"]
+
+    assert card["read"] == {"iu": 35}  # the malformed file is not a study
+    assert card["dropped"]["no_findings"] == {"iu": 1}
+    assert card["dropped"]["no_impression"] == {"iu": 1}
+    assert card["dropped"]["empty_report"] == {"iu": 1}
+    assert card["dropped"]["placeholder_findings"] == {"iu": 1}
+    assert card["dropped"]["non_chest_exam"] == {"iu": 1}
+    # Every study read is kept or dropped for one counted reason.
+    dropped = sum(sum(v.values()) for v in card["dropped"].values())
+    assert card["kept_studies"]["iu"] + dropped == 35 == len(en) + dropped
+
+    # The malformed XML is reported with its file name, not lost.
+    items = card["issues"]["items"]
+    assert [(i["problem"], i["file"].endswith("broken.xml")) for i in items] == [("malformed_xml", True)]
+    assert "broken.xml" in (out / "data_card.md").read_text()
+
+    # 20 identical normal reports: dedup keeps at most one in train, none equal to an eval study.
+    normals = [r for r in en if r.original["findings"] == NORMAL_F]
+    assert sum(r.split == "train" for r in normals) <= 1
+    d = card["dedup"]
+    eval_normals = sum(r.split != "train" for r in normals)
+    assert d["removed_near_eval"] + d["removed_within_train"] >= 20 - eval_normals - 1
+    if eval_normals:  # a template seen in val/test leaves no training copy at all
+        assert not [r for r in normals if r.split == "train"]
+    assert (
+        card["dropped"].get("near_duplicate_of_eval", {}).get("iu", 0)
+        + card["dropped"].get("near_duplicate_in_train", {}).get("iu", 0)
+        == d["removed_near_eval"] + d["removed_within_train"]
+    )
+
+    # Records: normalized target, original kept, labels from the original text, splits set.
+    for r in en:
+        assert r.record_id == r.study_id and r.split in ("train", "val", "test")
+        assert "XXXX" not in r.findings and r.findings and r.impression
+        assert set(r.original) == {"findings", "impression", "text"}
+        assert all("observation" not in d for d in r.labels.values())
+    pneumo = next(r for r in en if r.original["findings"].startswith("Large left pneumothorax"))
+    assert pneumo.labels["pneumothorax"]["status"] == "positive"
+
+    # Chinese copies: every val/test study that could be translated, ids with #zh, Chinese text.
+    by_study = {r.study_id: r for r in en}
+    for r in zh:
+        assert r.record_id == r.study_id + "#zh" and r.split == by_study[r.study_id].split
+        assert r.labels == by_study[r.study_id].labels
+        assert not any(c.isascii() and c.isalpha() for c in r.findings.replace("PICC", ""))
+    evaluation = [r for r in en if r.split != "train"]
+    zh_ids = {r.study_id for r in zh}
+    untranslatable = sum(card["chinese"]["untranslatable"].values())
+    assert sum(r.study_id in zh_ids for r in evaluation) >= len(evaluation) - untranslatable
+    assert card["chinese"]["written"].get("iu", 0) == len(zh)
+
+    # Eval sets: test split only, capped by --eval-size.
+    eval_en = list(read_jsonl(out / "eval_en.jsonl"))
+    eval_zh = list(read_jsonl(out / "eval_zh.jsonl"))
+    assert 0 < len(eval_en) <= 4 and len(eval_zh) <= 4
+    assert all(r.split == "test" and r.language == "en" for r in eval_en)
+    assert all(r.split == "test" and r.language == "zh" for r in eval_zh)
+
+
+def test_rerun_is_a_noop_and_force_is_byte_identical(built, capsys):
+    tmp, archive, cfg, _ = built
+    out = Path(cfg.out)
+    before = _digest(out)
+    argv = ["data", "build", "--iu", str(archive), "--out", cfg.out, "--eval-size", "4"]
+    argv += ["--val-frac", "0.1", "--test-frac", "0.3", "--cache-dir", cfg.cache_dir, "--seed", "0"]
+    assert cli_main(argv) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert _digest(out) == before
+
+    assert cli_main(argv + ["--force"]) == 0
+    printed = capsys.readouterr().out
+    assert "embedded 0 new texts" in printed  # the embedding cache served every text
+    assert _digest(out) == before
+
+
+def test_no_normalize_keeps_the_original_text(built):
+    tmp, archive, _, _ = built
+    cfg = _cfg(tmp, archive, out=str(tmp / "orig"), normalize=False, dedup=False)
+    card = build(cfg)
+    en = [r for r in read_jsonl(Path(cfg.out) / "corpus.jsonl") if r.language == "en"]
+    assert card["text_target"] == "original" and not card["dedup"]["enabled"]
+    assert all(r.findings == r.original["findings"] for r in en)
+    assert all(r.impression == r.original["impression"] for r in en)
+    assert sum(r.original["findings"] == NORMAL_F for r in en) == 20  # no dedup
+    assert fingerprint(cfg) != fingerprint(_cfg(tmp, archive, out=str(tmp / "orig")))
+
+
+def test_zh_share_zero_gives_no_training_copies(built):
+    tmp, archive, _, _ = built
+    cfg = _cfg(tmp, archive, out=str(tmp / "nozh"), zh_share=0.0, dedup=False)
+    build(cfg)
+    corpus = list(read_jsonl(Path(cfg.out) / "corpus.jsonl"))
+    assert not [r for r in corpus if r.language == "zh" and r.split == "train"]
+    assert [r for r in corpus if r.language == "zh" and r.split != "train"]
+
+
+def test_bad_inputs_are_user_errors(tmp_path, capsys):
+    with pytest.raises(UserError, match="at least one corpus"):
+        BuildConfig(out=str(tmp_path))
+    with pytest.raises(UserError, match="zh-share"):
+        BuildConfig(out=str(tmp_path), iu="x", zh_share=1.5)
+    missing = tmp_path / "nope.tgz"
+    # Through the CLI: one line on stderr, exit 2, no traceback.
+    assert cli_main(["data", "build", "--iu", str(missing), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "nope.tgz" in err and "Traceback" not in err
+    not_tar = tmp_path / "reports.tgz"
+    not_tar.write_text("not an archive")
+    assert cli_main(["data", "build", "--iu", str(not_tar), "--out", str(tmp_path / "o")]) == 2
+    assert "reports.tgz" in capsys.readouterr().err
+
+
+def _rec(findings: str, impression: str, exam: str = "Xray Chest PA and Lateral") -> Record:
+    return Record(
+        record_id="iu:CXR1",
+        study_id="iu:CXR1",
+        source="iu",
+        findings=findings,
+        impression=impression,
+        meta={"exam": exam},
+    )
+
+
+def test_drop_rule():
+    assert drop_reason(_rec("Lungs clear.", "Normal.")) is None
+    assert drop_reason(_rec("", "Normal.")) == "no_findings"
+    assert drop_reason(_rec("Lungs clear.", "")) == "no_impression"
+    assert drop_reason(_rec("", "")) == "empty_report"
+    assert drop_reason(_rec("XXXX XXXX.", "See impression")) == "placeholder_report"
+    assert drop_reason(_rec("Lungs clear.", "Normal.", exam="Xray Chest and Abdomen")) == "non_chest_exam"
+    assert is_placeholder("Please") and is_placeholder("See Impression.") and is_placeholder("XXXX.")
+    assert not is_placeholder("No acute disease.")
+
+
+def test_real_iu_drop_counts(iu_archive):
+    """The drop rule on the real archive, without the slow steps (no dedup, no Chinese)."""
+    from echocxr.data.readers import IssueLog
+    from echocxr.data.readers.iu import read_iu
+
+    reasons: dict[str | None, int] = {}
+    for r in read_iu(iu_archive, None, IssueLog()):
+        k = drop_reason(r)
+        reasons[k] = reasons.get(k, 0) + 1
+    assert sum(reasons.values()) == 3555
+    assert reasons["no_findings"] > 400 and reasons[None] > 2900
+    assert reasons["non_chest_exam"] > 0 and reasons["empty_report"] > 0
