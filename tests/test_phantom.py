@@ -207,7 +207,6 @@ def test_cli_writes_identical_pngs(iu_archive, tmp_path):
             size=112,
             views="frontal,lateral",
             finding=None,
-            gallery=None,
         )
         assert phantom.run(args) == 0
         return sorted(p.name for p in out.iterdir())
@@ -227,7 +226,6 @@ def test_cli_writes_identical_pngs(iu_archive, tmp_path):
         size=112,
         views="top",
         finding=None,
-        gallery=None,
     )
     with pytest.raises(UserError, match="--views"):
         phantom.run(bad)

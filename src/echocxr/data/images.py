@@ -92,7 +92,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise UserError(f"{path}: unreadable or corrupt image ({e})") from None
 
 
-def _fit_square(img: Image.Image, size: int) -> Image.Image:
+def fit_square(img: Image.Image, size: int) -> Image.Image:
     """Resize keeping the aspect ratio, padding with black (the film's own background)."""
     w, h = img.size
     scale = size / max(w, h)
@@ -168,7 +168,7 @@ def study_images(
     if source != "phantom":
         paths = _real_paths(record, views, root_path)
         if paths is not None:
-            return [_fit_square(load_image(p), size) for p in paths]
+            return [fit_square(load_image(p), size) for p in paths]
         if source == "real":
             listed = ", ".join(str(_resolve_path(r.path, root_path)) for r in record.images) or "none listed"
             raise UserError(f"{record.study_id}: no image file for views {list(views)} ({listed})")

@@ -191,8 +191,8 @@ class Anatomy:
     cage: float = 0.88  # lateral lung edge at the bases
     med: float = 0.09  # medial lung edge at the apex
     v_full: float = 0.95  # depth at which the lungs reach full width
-    dome_r: float = 0.80  # top of the right hemidiaphragm dome
-    dome_l: float = 0.86
+    dome_r: float = 0.88  # top of the right hemidiaphragm dome
+    dome_l: float = 0.93
     dome_k: float = 1.0  # dome curvature (hyperinflation flattens it)
     heart_l: float = 0.48  # left heart border (left ventricle), distance from the midline
     heart_r: float = 0.27  # right heart border (right atrium)
@@ -268,9 +268,9 @@ def _draw_anatomy(rng: np.random.Generator) -> Anatomy:
         cage=cage,
         med=float(rng.uniform(0.07, 0.11)),
         v_full=float(rng.uniform(0.85, 1.05)),
-        dome_r=0.80 + inspiration + float(rng.normal(0, 0.015)),
-        dome_l=0.86 + inspiration + float(rng.normal(0, 0.015)),
-        dome_k=float(rng.uniform(1.1, 1.5)),
+        dome_r=0.88 + inspiration + float(rng.normal(0, 0.015)),
+        dome_l=0.93 + inspiration + float(rng.normal(0, 0.015)),
+        dome_k=float(rng.uniform(0.6, 0.9)),
         heart_l=2 * cage * ctr * (1 - right_share),
         heart_r=2 * cage * ctr * right_share,
         heart_top=float(rng.uniform(0.38, 0.46)),
@@ -310,12 +310,14 @@ class Pose:
 
 
 def _draw_pose(rng: np.random.Generator, view: str) -> Pose:
+    # A PA film shows the apices ~10% and the costophrenic angles ~75-80% down the image; the
+    # lateral centres the chest (w ~ 0.1) with the spine on the image right.
     if view == "frontal":
-        cx, cy = rng.normal(0.5, 0.02), rng.normal(0.19, 0.025)
-        su, sv = rng.uniform(0.37, 0.43), rng.uniform(0.50, 0.58)
+        cx, cy = rng.normal(0.5, 0.015), rng.normal(0.10, 0.02)
+        su, sv = rng.uniform(0.40, 0.46), rng.uniform(0.62, 0.68)
     else:
-        cx, cy = rng.normal(0.50, 0.02), rng.normal(0.19, 0.025)
-        su, sv = rng.uniform(0.55, 0.62), rng.uniform(0.50, 0.58)
+        su, sv = rng.uniform(0.50, 0.56), rng.uniform(0.60, 0.66)
+        cx, cy = rng.normal(0.5 - 0.1 * su, 0.015), rng.normal(0.10, 0.02)
     return Pose(
         cx=float(cx),
         cy=float(cy),
@@ -508,11 +510,21 @@ def _noise_tiles(size: int) -> tuple[np.ndarray, np.ndarray]:
     white = rng.standard_normal((2 * size, 2 * size), dtype=np.float32)
     coarse = rng.random((2 * size // 8 + 2, 2 * size // 8 + 2), dtype=np.float32)
     smooth = np.kron(coarse, np.ones((8, 8), np.float32))[: 2 * size, : 2 * size]
-    for axis in (0, 1):  # three box passes ~ a Gaussian of sigma ~ 4.5 px
+    for axis in (0, 1):  # three 9-pixel box passes ~ a Gaussian of sigma ~ 4.5 px, no block edges
         for _ in range(3):
-            smooth = (smooth + np.roll(smooth, 4, axis) + np.roll(smooth, -4, axis)) / 3.0
+            smooth = _box_blur(smooth, 4, axis)
     smooth = (smooth - smooth.mean()) / (smooth.std() + 1e-6)
     return white, smooth.astype(np.float32)
+
+
+def _box_blur(a: np.ndarray, r: int, axis: int) -> np.ndarray:
+    """Mean over a (2r + 1)-wide window along one axis, wrapping around (the tile is periodic)."""
+    n = a.shape[axis]
+    padded = np.concatenate([a.take(range(n - r - 1, n), axis), a, a.take(range(r), axis)], axis)
+    c = np.cumsum(padded, axis=axis, dtype=np.float64)
+    hi = c.take(range(2 * r + 1, n + 2 * r + 1), axis)
+    lo = c.take(range(0, n), axis)
+    return ((hi - lo) / (2 * r + 1)).astype(np.float32)
 
 
 def _tile_crop(tile: np.ndarray, size: int, offset: tuple[int, int]) -> np.ndarray:
@@ -637,7 +649,8 @@ def _render_frontal(anat: Anatomy, pose: Pose, size: int, seed: int, found: dict
     for side in (-1, 1):
         au = side * U
         x = au - 0.08
-        clav_v = -0.03 - 0.30 * x + 0.16 * x * x
+        # Medial ends over the apices, sloping up toward the shoulders.
+        clav_v = 0.12 - 0.24 * x + 0.06 * x * x
         clav = _soft_band((V - clav_v) * cv.pv, 0.03 * cv.pv) * np.clip((0.85 - au) * cv.pu, 0, 1)
         clav *= np.clip((au - 0.06) * cv.pu, 0.0, 1.0)
         cv.A += 0.30 * clav
@@ -1060,7 +1073,7 @@ def _render_lateral(anat: Anatomy, pose: Pose, size: int, seed: int, found: dict
     # Arms raised forward over the upper chest.
     arm = np.zeros_like(cv.A)
     cv.stroke([(-1.0, -0.75), (-0.15, 0.02)], 0.22 * cv.pv, layer=arm)
-    cv.A += 0.35 * arm
+    cv.A += 0.18 * arm
 
     lung_front = -0.52 * d + 0.25 * np.clip(0.1 - V, 0, 1)
     lung_back = 0.62 * d
@@ -1078,7 +1091,7 @@ def _render_lateral(anat: Anatomy, pose: Pose, size: int, seed: int, found: dict
     abdomen = np.clip((V - dome) * cv.pv + 0.5, 0, 1) * body
     hw = 0.5 * (anat.heart_l + anat.heart_r) * 0.9 * d
     hh = 0.5 * (anat.dome_l + 0.1 - anat.heart_top)
-    win, heart = cv.ellipse(-0.2 * d + (hw - 0.34) * 0.3, anat.heart_v, hw, hh, angle=0.3)
+    win, heart = cv.ellipse(-0.2 * d + (hw - 0.34) * 0.3, anat.heart_v + 0.04, hw, hh, angle=0.3, soft=0.3)
     med = np.zeros_like(lung)
     if win is not None:
         np.maximum(med[win], heart, out=med[win])
@@ -1086,7 +1099,8 @@ def _render_lateral(anat: Anatomy, pose: Pose, size: int, seed: int, found: dict
     win, arch = cv.ellipse(0.05, anat.knob_v + 0.02, 0.2, 0.12 * anat.knob_r / 0.06, soft=0.4)
     if win is not None:
         np.maximum(med[win], 0.5 * arch, out=med[win])
-    cv.A += np.maximum(0.42 * abdomen, 0.5 * med) + 0.12 * (dome2 < V) * (V < dome) * body
+    # The lateral beam crosses the whole chest: less contrast between heart, lung and abdomen.
+    cv.A += np.maximum(0.36 * abdomen, 0.3 * med) + 0.1 * (dome2 < V) * (V < dome) * body
 
     rng = np.random.default_rng([seed, 99, 3])
     white, smooth = _noise_tiles(size)
@@ -1128,8 +1142,8 @@ def _render_lateral(anat: Anatomy, pose: Pose, size: int, seed: int, found: dict
             band = np.clip((W - (lung_back - 0.06)) * cv.pu, 0, 1) * lung
             fill = np.maximum(fill, 0.8 * band)
 
-    air = lung * (1 - 0.85 * med) * (1 - fill)
-    cv.A -= anat.air * air
+    air = lung * (1 - 0.6 * med) * (1 - fill)
+    cv.A -= 0.8 * anat.air * air
     cv.A += 0.05 * lung * markings
     # Trachea: an air column sloping back toward the carina.
     tw = 0.5 * (W + 0.12 - 0.25 * (V + 0.4))
@@ -1144,7 +1158,7 @@ def _render_lateral(anat: Anatomy, pose: Pose, size: int, seed: int, found: dict
     col = np.clip((W - spine_w0) * cv.pu + 0.5, 0, 1) * np.clip((spine_w1 - W) * cv.pu + 0.5, 0, 1)
     vert_phase = (V + 0.5) * (1 / 0.085)
     bodies = _rib_profile(vert_phase, 0.085 * cv.pv, width=0.8)
-    cv.A += col * (0.1 + 0.2 * bodies) + 0.1 * np.clip((W - spine_w1 - 0.02) * cv.pu, 0, 1) * body
+    cv.A += col * (0.06 + 0.14 * bodies) + 0.07 * np.clip((W - spine_w1 - 0.02) * cv.pu, 0, 1) * body
     # Posterior ribs: faint oblique bands over the back of the lungs.
     rib_phase = (V - 0.25 * W - anat.rib_v0 * anat.rib_pitch) * (1 / anat.rib_pitch)
     ribs = _rib_profile(rib_phase, anat.rib_pitch * cv.pv, width=0.35)
@@ -1337,7 +1351,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=224, help=f"pixels, {MIN_SIZE} to {MAX_SIZE}")
     parser.add_argument("--views", default="frontal", help="comma-separated: frontal,lateral")
     parser.add_argument("--finding", default=None, help="only studies positive for this observation")
-    parser.add_argument("--gallery", default=None, help="also write a labelled gallery PNG here")
 
 
 def _parse_views(text: str) -> tuple[str, ...]:
