@@ -92,14 +92,18 @@ def test_deduplicate_with_minilm_and_cache(tmp_path):
         _rec("iu:CXR4", normal, "No acute disease.", eff),  # same words, different labels: kept
         _rec("iu:CXR5", "Large left upper lobe mass with hilar adenopathy.", "Suspicious mass."),
         _rec("iu:CXR6", "Small right pleural effusion.", "Right effusion.", eff),  # copy of 3 ...
+        # Alone in its label signature: nothing to compare with, so never embedded.
+        _rec(
+            "iu:CXR7", "Large left pneumothorax.", "Pneumothorax.", {"pneumothorax": {"status": "positive"}}
+        ),
     ]
     evaluation = [_rec("iu:CXR9", "Small right pleural effusion.", "Right effusion.", eff)]  # ... and of eval
     cfg = DedupConfig(threshold=0.97)
     with DiskCache(tmp_path / "emb.sqlite") as cache:
         emb = Embedder(cfg, cache, progress=False)
         res = deduplicate(train, evaluation, cfg, emb)
-        assert emb.computed == 4  # 7 texts, 4 distinct
-    assert [r.study_id for r in res.kept] == ["iu:CXR1", "iu:CXR4", "iu:CXR5"]
+        assert emb.computed == 4  # 7 compared texts, 4 distinct; CXR7 not embedded
+    assert [r.study_id for r in res.kept] == ["iu:CXR1", "iu:CXR4", "iu:CXR5", "iu:CXR7"]
     assert [(a, b) for a, b, _ in res.near_eval] == [("iu:CXR3", "iu:CXR9"), ("iu:CXR6", "iu:CXR9")]
     assert [(a, b) for a, b, _ in res.within_train] == [("iu:CXR2", "iu:CXR1")]
     assert all(s >= 0.97 for _, _, s in res.within_train + res.near_eval)

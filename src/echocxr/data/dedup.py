@@ -182,30 +182,45 @@ def deduplicate(
     embedder: Embedder,
     signature: Callable[[Record], str] = label_signature,
 ) -> DedupResult:
-    """Remove training studies that nearly duplicate an eval study or an earlier training study."""
-    texts_train = [dedup_text(r) for r in train]
-    texts_eval = [dedup_text(r) for r in evaluation]
-    emb = embedder.encode(texts_train + texts_eval)
-    e_train, e_eval = emb[: len(train)], emb[len(train) :]
+    """Remove training studies that nearly duplicate an eval study or an earlier training study.
 
+    Only studies that share their label signature with another study are embedded: a study alone
+    in its signature group has nothing to be compared with (on IU, about a third of the studies).
+    """
     groups_train: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(train):
         groups_train[signature(r)].append(i)
     groups_eval: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(evaluation):
         groups_eval[signature(r)].append(i)
+    compared = {
+        sig: (idx, groups_eval.get(sig, []))
+        for sig, idx in groups_train.items()
+        if len(idx) + len(groups_eval.get(sig, [])) >= 2
+    }
+
+    # Rows of the embedding matrix: the compared training studies, then their eval partners.
+    need_train = sorted(i for idx, _ in compared.values() for i in idx)
+    need_eval = sorted(j for _, ev in compared.values() for j in ev)
+    row_train = {i: k for k, i in enumerate(need_train)}
+    row_eval = {j: len(need_train) + k for k, j in enumerate(need_eval)}
+    emb = embedder.encode(
+        [dedup_text(train[i]) for i in need_train] + [dedup_text(evaluation[j]) for j in need_eval]
+    )
 
     result = DedupResult(kept=[])
     removed: set[int] = set()
-    for sig, idx in groups_train.items():
-        ev = groups_eval.get(sig, [])
-        hits = cross_duplicates(e_train[idx], e_eval[ev], cfg.threshold, cfg.chunk)
+    for idx, ev in compared.values():
+        e_train = emb[[row_train[i] for i in idx]]
+        e_eval = emb[[row_eval[j] for j in ev]] if ev else emb[:0]
+        hits = cross_duplicates(e_train, e_eval, cfg.threshold, cfg.chunk)
         for i, hit in zip(idx, hits):
             if hit is not None:
                 removed.add(i)
                 result.near_eval.append((train[i].study_id, evaluation[ev[hit[0]]].study_id, hit[1]))
         rest = [i for i in idx if i not in removed]
-        for i, hit in zip(rest, greedy_duplicates(e_train[rest], cfg.threshold, cfg.chunk)):
+        rest_emb = emb[[row_train[i] for i in rest]] if rest else emb[:0]
+        for i, hit in zip(rest, greedy_duplicates(rest_emb, cfg.threshold, cfg.chunk)):
             if hit is not None:
                 removed.add(i)
                 result.within_train.append((train[i].study_id, train[rest[hit[0]]].study_id, hit[1]))
