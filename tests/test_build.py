@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import tarfile
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -256,3 +259,156 @@ def test_real_iu_drop_counts(iu_archive):
     assert sum(reasons.values()) == 3555
     assert reasons["no_findings"] > 400 and reasons[None] > 2900
     assert reasons["non_chest_exam"] > 0 and reasons["empty_report"] > 0
+
+
+def _csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def test_multi_source_build_keeps_official_splits_and_balances_eval(built):
+    tmp, archive, _, _ = built
+    root = tmp / "multi"
+    # MIMIC-CXR: report tree + split table (official test studies).
+    mimic = root / "mimic"
+    mimic_rows = []
+    for k, (f, i) in enumerate(VARIED[:6]):
+        d = mimic / "files" / "p10" / f"p100000{k:02d}"
+        d.mkdir(parents=True)
+        (d / f"s5000000{k}.txt").write_text(f"FINAL REPORT\n FINDINGS: {f}\n\n IMPRESSION: {i}\n")
+        mimic_rows.append([f"d{k}", f"5000000{k}", f"100000{k:02d}", "test" if k < 4 else "train"])
+    _csv(mimic / "mimic-cxr-2.0.0-split.csv", ["dicom_id", "study_id", "subject_id", "split"], mimic_rows)
+    _csv(
+        mimic / "mimic-cxr-2.0.0-metadata.csv",
+        ["dicom_id", "subject_id", "study_id", "ViewPosition"],
+        [[r[0], r[2], r[1], "PA"] for r in mimic_rows],
+    )
+    # CheXpert-Plus: train/valid only; a test part is carved from train by patient hash.
+    header = ["path_to_image", "frontal_lateral", "ap_pa", "deid_patient_id", "report"]
+    header += ["section_findings", "section_impression", "split"]
+    chex_rows = [
+        [f"{s}/patient{k:05d}/study1/view1_frontal.jpg", "Frontal", "PA", f"p{k}", "", f, i, s]
+        for k, (f, i) in enumerate(VARIED)
+        for s in (("valid",) if k < 2 else ("train",))
+    ]
+    chexpert = _csv(root / "df_chexpert_plus_240401.csv", header, chex_rows)
+    # ReXGradient: one table per split.
+    rex_header = ["StudyInstanceUid", "PatientID", "ImagePath", "ImageViewPosition", "Findings", "Impression"]
+    rex = root / "rex"
+    _csv(
+        rex / "metadata" / "test_metadata.csv",
+        rex_header,
+        [[f"1.2.{k}", f"P{k}", f"deid_png/P{k}/a.png", "PA", f, i] for k, (f, i) in enumerate(VARIED[:5])],
+    )
+    _csv(
+        rex / "metadata" / "train_metadata.csv",
+        rex_header,
+        [[f"1.3.{k}", f"Q{k}", f"deid_png/Q{k}/a.png", "PA", f, i] for k, (f, i) in enumerate(VARIED)],
+    )
+    cfg = _cfg(
+        tmp,
+        archive,
+        out=str(tmp / "multi_out"),
+        mimic=str(mimic),
+        chexpert=str(chexpert),
+        rexgradient=str(rex),
+        dedup=False,
+        eval_size=9,
+    )
+    card = build(cfg)
+    corpus = list(read_jsonl(Path(cfg.out) / "corpus.jsonl"))
+    en = {r.study_id: r for r in corpus if r.language == "en"}
+    assert card["read"] == {"chexpert": 10, "iu": 35, "mimic": 6, "rexgradient": 15}
+    assert [en[f"mimic:s5000000{k}"].split for k in range(6)] == ["test"] * 4 + ["train"] * 2
+    assert all(en[f"rexgradient:1.2.{k}"].split == "test" for k in range(5))
+    # No official valid table here: a val part is carved from train, never from test.
+    assert {en[f"rexgradient:1.3.{k}"].split for k in range(10)} <= {"train", "val"}
+    assert [en[f"chexpert:patient{k:05d}/study1"].split for k in range(2)] == ["val", "val"]
+    assert {en[f"chexpert:patient{k:05d}/study1"].split for k in range(2, 10)} <= {"train", "test"}
+
+    # Eval: as even across sources as they allow (round robin), test split only.
+    eval_en = list(read_jsonl(Path(cfg.out) / "eval_en.jsonl"))
+    per_source = Counter(r.source for r in eval_en)
+    available = Counter(r.source for r in en.values() if r.split == "test")
+    assert len(eval_en) == min(9, sum(available.values()))
+    top = max(per_source.values())
+    assert all(per_source[s] >= min(available[s], top - 1) for s in available)
+    assert card["eval"]["en"] == dict(sorted(per_source.items()))
+
+
+class _FakeLLM:
+    """A loopback OpenAI-compatible server: fixed rewrite and translation, counts requests."""
+
+    def __init__(self):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests += 1
+                system = body["messages"][0]["content"]
+                if "Simplified Chinese" in system:
+                    reply = {"findings": "两肺清晰。", "impression": "未见急性心肺异常。"}
+                else:
+                    reply = {"findings": "LLM findings.", "impression": "LLM impression."}
+                content = json.dumps(reply, ensure_ascii=False)
+                data = json.dumps({"choices": [{"message": {"content": content}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_llm_build_on_loopback_uses_the_reply_cache_on_rerun(built):
+    tmp, archive, _, _ = built
+    with _FakeLLM() as server:
+        cfg = _cfg(
+            tmp,
+            archive,
+            out=str(tmp / "llm_out"),
+            cache_dir=str(tmp / "llm_cache"),
+            dedup=False,
+            llm=True,
+            llm_url=server.url,
+            llm_model="fake",
+        )
+        card = build(cfg)
+        sent = server.requests
+        corpus = list(read_jsonl(Path(cfg.out) / "corpus.jsonl"))
+        en = [r for r in corpus if r.language == "en"]
+        zh = [r for r in corpus if r.language == "zh"]
+        assert card["text_target"] == "llm" and card["llm_fallbacks"] == {}
+        assert {(r.findings, r.impression) for r in en} == {("LLM findings.", "LLM impression.")}
+        assert zh and {(r.findings, r.impression) for r in zh} == {("两肺清晰。", "未见急性心肺异常。")}
+        # One request per distinct prompt: identical reports share one cached reply.
+        assert 0 < sent <= len(en) + len(zh)
+        before = _digest(Path(cfg.out))
+        card2 = build(replace(cfg, force=True))
+        assert server.requests == sent and card2["_run"]["llm_requests"] == 0
+        assert _digest(Path(cfg.out)) == before
