@@ -62,3 +62,10 @@ def test_bad_options_are_one_line_errors(capsys):
     assert "CUDA" in capsys.readouterr().err
     assert main(["bench", "decode", "--ckpt", "/nonexistent/ckpt"]) == 2
     assert "/nonexistent/ckpt" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decoder", ["ar", "onestep"])
+def test_graph_steps_run_on_gpu(capsys, decoder):
+    rows = _lines(capsys, "--decoder", decoder, "--batch-size", "2", "--device", "cuda", "--graphs")
+    assert rows[0]["mode"] == "graph" and rows[0]["tokens"] == 16 and rows[0]["peak_mem_mb"] > 0
