@@ -133,6 +133,8 @@ def test_build_outputs_and_card(built):
     normals = [r for r in en if r.original["findings"] == NORMAL_F]
     assert sum(r.split == "train" for r in normals) <= 1
     d = card["dedup"]
+    assert len(d["removed"]) == d["removed_near_eval"] + d["removed_within_train"]
+    assert not {a for a, *_ in d["removed"]} & {r.study_id for r in en}
     eval_normals = sum(r.split != "train" for r in normals)
     assert d["removed_near_eval"] + d["removed_within_train"] >= 20 - eval_normals - 1
     if eval_normals:  # a template seen in val/test leaves no training copy at all

@@ -381,6 +381,9 @@ def _build(cfg: BuildConfig, fp: str | None, log: IssueLog, stats: _Stats, llm, 
                 {"removed": a, "kept": b, "cosine": round(s, 4)}
                 for a, b, s in (res.within_train[:5] + res.near_eval[:5])
             ],
+            # Every removal with the study it duplicates, so none is lost without a trace.
+            removed=[[a, b, round(s, 4), "near_eval"] for a, b, s in res.near_eval]
+            + [[a, b, round(s, 4), "within_train"] for a, b, s in res.within_train],
         )
 
     # 6. Chinese copies.
@@ -562,6 +565,7 @@ def card_markdown(card: dict) -> str:
             f"- removed as near duplicates within train: {d['removed_within_train']}",
         ]
         lines += [f"  - `{e['removed']}` ~ `{e['kept']}` ({e['cosine']})" for e in d["examples"]]
+        lines.append("- every removed study with its match: `dedup.removed` in data_card.json")
     else:
         lines.append("- off")
     z = card["chinese"]
