@@ -70,17 +70,16 @@ def test_decoder_defaults_to_the_checkpoint_stage_and_batches_agree(ckpt, iu_ima
     assert rc == 0 and {r["decoder"] for r in json.loads(block)} == {"block"}
 
 
-def test_dicom_input(ckpt, iu_images, tmp_path, capsys):
+def _write_dicom(png, path):
     pydicom = pytest.importorskip("pydicom")
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-    arr = np.asarray(Image.open(sorted(iu_images.glob("*.png"))[0]).convert("L"), dtype=np.uint16) * 16
+    arr = np.asarray(Image.open(png).convert("L"), dtype=np.uint16) * 16  # 12-bit detector range
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    path = tmp_path / "study.dcm"
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     ds.Modality, ds.PhotometricInterpretation = "DX", "MONOCHROME2"
@@ -89,9 +88,35 @@ def test_dicom_input(ckpt, iu_images, tmp_path, capsys):
     ds.PixelData = arr.tobytes()
     ds.save_as(path, enforce_file_format=True)
     assert pydicom.dcmread(path).pixel_array.shape == arr.shape
+    return arr
+
+
+def test_dicom_input(ckpt, iu_images, tmp_path, capsys):
+    path = tmp_path / "study.dcm"
+    _write_dicom(sorted(iu_images.glob("*.png"))[0], path)
     rc, out, err = _run(capsys, "--ckpt", ckpt, path, "--max-new-tokens", 4, "--decoder", "ar")
     assert rc == 0, err
     assert json.loads(out)[0]["file"] == str(path)
+
+
+def test_plain_loader_used_without_the_data_package(iu_images, tmp_path):
+    """The fallback reader (when echocxr.data.images is absent): PNG, DICOM, clear errors."""
+    from echocxr.decode.cli import _load_image_plain
+    from echocxr.errors import UserError
+
+    png = sorted(iu_images.glob("*.png"))[0]
+    ref = np.asarray(Image.open(png).convert("L"))
+    assert np.array_equal(np.asarray(_load_image_plain(png)), ref)
+    dcm = tmp_path / "study.dcm"
+    _write_dicom(png, dcm)
+    img = np.asarray(_load_image_plain(dcm), dtype=float)
+    assert img.shape == ref.shape and np.corrcoef(img.ravel(), ref.ravel())[0, 1] > 0.99
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"\0" * 128 + b"DICM" + b"garbage")
+    with pytest.raises(UserError, match="bad.dcm"):
+        _load_image_plain(bad)
+    with pytest.raises(UserError, match="nope.png"):
+        _load_image_plain(tmp_path / "nope.png")
 
 
 def test_bad_inputs_are_one_line_errors(ckpt, iu_images, tmp_path, capsys):
