@@ -58,6 +58,8 @@ def test_bad_options_are_one_line_errors(capsys):
     assert "--batch-size" in capsys.readouterr().err
     assert main(["bench", "decode", "--preset", "tiny"]) == 2
     assert "--random-weights" in capsys.readouterr().err
+    assert main([*SMOKE, "--image-size", "50"]) == 2
+    assert "multiple of" in capsys.readouterr().err
     assert main([*SMOKE, "--graphs"]) == 2
     assert "CUDA" in capsys.readouterr().err
     assert main(["bench", "decode", "--ckpt", "/nonexistent/ckpt"]) == 2

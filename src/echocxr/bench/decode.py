@@ -135,6 +135,9 @@ def load_model(args, device: str):
         raise UserError("--preset/--shape builds an untrained model: add --random-weights to confirm")
     overrides = {"image_size": args.image_size} if args.image_size else {}
     cfg = get_preset(args.preset, **overrides)
+    unit = cfg.patch_size * cfg.spatial_merge_size
+    if cfg.image_size % unit:  # otherwise the processor's grid and the prompt's image slots disagree
+        raise UserError(f"--image-size {cfg.image_size}: must be a multiple of {unit} for {cfg.name}")
     # A small BPE tokenizer carries the special tokens; the preset's vocab_size sets the LM head.
     tok = train_bpe(SMOKE_TEXTS, 300)
     with _build_on(device, dtype):
