@@ -292,3 +292,10 @@ def test_normalize_view():
     assert [normalize_view(v) for v in ("PA", "postero_anterior", "AP AXIAL", "LL", "Frontal", "", None, "??")] == [
         "PA", "PA", "AP", "LATERAL", "frontal", None, None, None
     ]  # fmt: skip
+
+
+def test_rexgradient_rejects_tables_without_report_columns(tmp_path):
+    p = tmp_path / "train_metadata.csv"
+    p.write_text("StudyInstanceUid,Report\n1.2.3,Lungs clear.\n")
+    with pytest.raises(UserError, match="missing columns"):
+        list(read_rexgradient(p, IssueLog()))

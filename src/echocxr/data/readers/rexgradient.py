@@ -96,6 +96,13 @@ def _rows(table: Path, log: IssueLog) -> Iterator[tuple[str, dict]]:
             raise_csv_field_limit()
             with table.open(encoding="utf-8", newline="") as f:
                 reader = csv.DictReader(f, strict=True)
+                header = {c.strip().lower() for c in (reader.fieldnames or [])}
+                missing = [
+                    _COLUMNS[k][0] for k in ("findings", "impression") if not header & set(_COLUMNS[k])
+                ]
+                if missing:
+                    # A renamed column would silently read every study as empty: refuse the table.
+                    raise UserError(f"{table}: not a ReXGradient metadata table (missing columns {missing})")
                 while True:
                     try:
                         row = next(reader)
