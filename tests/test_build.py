@@ -299,7 +299,7 @@ def test_multi_source_build_keeps_official_splits_and_balances_eval(built):
         for k, (f, i) in enumerate(VARIED)
         for s in (("valid",) if k < 2 else ("train",))
     ]
-    chexpert = _csv(root / "df_chexpert_plus_240401.csv", header, chex_rows)
+    chexpert = _csv(root / "df_chexpert_plus_240401.csv", header, chex_rows + [["train/broken", "row"]])
     # ReXGradient: one table per split.
     rex_header = ["StudyInstanceUid", "PatientID", "ImagePath", "ImageViewPosition", "Findings", "Impression"]
     rex = root / "rex"
@@ -327,6 +327,9 @@ def test_multi_source_build_keeps_official_splits_and_balances_eval(built):
     corpus = list(read_jsonl(Path(cfg.out) / "corpus.jsonl"))
     en = {r.study_id: r for r in corpus if r.language == "en"}
     assert card["read"] == {"chexpert": 10, "iu": 35, "mimic": 6, "rexgradient": 15}
+    # The broken CSV row is in the card with its file and line; the build went on.
+    broken = [i["file"] for i in card["issues"]["items"] if i["problem"] == "broken_csv_row"]
+    assert broken == [f"{chexpert}:12"]
     assert [en[f"mimic:s5000000{k}"].split for k in range(6)] == ["test"] * 4 + ["train"] * 2
     assert all(en[f"rexgradient:1.2.{k}"].split == "test" for k in range(5))
     # No official valid table here: a val part is carved from train, never from test.
