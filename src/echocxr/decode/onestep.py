@@ -19,6 +19,8 @@ A row stops after the block that holds its first EOS; later blocks of that row a
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from echocxr.decode.common import Output, cut_at_eos, prefill, sample, text_positions, with_padding
@@ -68,7 +70,11 @@ def generate(model: EchoVLM, batch, cfg, *, mode: str | None = None) -> Output:
     B, eos, mask_id = cfg.block_size, model.special.eos, model.special.mask
     n_blocks = -(-cfg.max_new_tokens // B)
     # extra_slots: in the fused step the mask block sits one block past the committed length
+    t0 = time.perf_counter()
     pre = prefill(model, batch, n_blocks * B, extra_slots=B)
+    if pre.last_logits.is_cuda:  # the prefill time is reported (bench decode): wait for the GPU
+        torch.cuda.synchronize(pre.last_logits.device)
+    prefill_s = time.perf_counter() - t0
     cache, rows = pre.cache, batch.size
     mode = mode or ("graph" if pre.last_logits.is_cuda else "eager")
     forward = BlockForward(model, cache, pre.next_pos, B, mode)
@@ -103,5 +109,8 @@ def generate(model: EchoVLM, batch, cfg, *, mode: str | None = None) -> Output:
     tokens = cut_at_eos(out[:, : (i + 1) * B].cpu(), eos)
     tokens = [t[: cfg.max_new_tokens] for t in tokens]
     return Output(
-        tokens, forwards, None, {"blocks": i + 1, "fused": cfg.fused, "shift": AR_SHIFT, "mode": mode}
+        tokens,
+        forwards,
+        None,
+        {"blocks": i + 1, "fused": cfg.fused, "shift": AR_SHIFT, "mode": mode, "prefill_s": prefill_s},
     )
