@@ -669,9 +669,7 @@ def _render_frontal(anat: Anatomy, pose: Pose, size: int, seed: int, found: dict
     for side in (-1, 1):
         if win is not None:
             au, Vw = side * U[win], V[win]
-            x = au - 0.08
-            # Medial ends over the apices, sloping up toward the shoulders.
-            clav_v = 0.12 - 0.24 * x + 0.06 * x * x
+            clav_v = _clavicle_v(au)
             clav = _soft_band((Vw - clav_v) * cv.pv, 0.03 * cv.pv) * np.clip((0.85 - au) * cv.pu, 0, 1)
             clav *= np.clip((au - 0.06) * cv.pu, 0.0, 1.0)
             cv.A[win] += 0.30 * clav
@@ -683,7 +681,7 @@ def _render_frontal(anat: Anatomy, pose: Pose, size: int, seed: int, found: dict
         sc = cv.of_v(lambda v: _spine_center(anat, v) + 0.0 * v)[win]
         col = _soft_band((U[win] - sc) * cv.pu, 0.065 * cv.pu)
         bodies = _rib_profile((V[win] + 0.5) * (1.0 / 0.085), 0.085 * cv.pv, width=0.8)
-        cv.A[win] += col * (0.04 + 0.07 * bodies) * (1.0 - 0.3 * mediastinum[win])
+        cv.A[win] += col * (0.07 + 0.09 * bodies) * (1.0 - 0.3 * mediastinum[win])
     _draw_frontal_findings(fr, found, stage="overlay")
 
     # Soft tissue extras and the gastric bubble.
@@ -696,6 +694,13 @@ def _render_frontal(anat: Anatomy, pose: Pose, size: int, seed: int, found: dict
     cv.A *= body
     cv.A += 1.3 * cv.metal
     return cv
+
+
+def _clavicle_v(a):
+    """Depth of the clavicle at distance `a` from the midline: medial ends over the apices,
+    sloping up toward the shoulders."""
+    x = a - 0.08
+    return 0.12 - 0.24 * x + 0.06 * x * x
 
 
 def _rib_profile(phase, pitch_px, width: float = 0.42):
@@ -779,8 +784,8 @@ def _airspace(fr: _Frontal, f: Finding, kind: str):
             patchy = patch * np.clip(0.55 + 0.6 * tex, 0.0, 1.0)
             fr.fill = np.maximum(fr.fill, 0.75 * patchy)
         else:
-            sev = _pick(f, (0.30, 0.42, 0.55))
-            region = _lung_region(fr, side, rng.uniform(0.4, 0.6), v0, rng.uniform(0.45, 0.6), 0.2, 1.6)
+            sev = _pick(f, (0.5, 0.62, 0.75))
+            region = _lung_region(fr, side, rng.uniform(0.4, 0.6), v0, rng.uniform(0.45, 0.6), 0.24, 1.0)
             fr.fill = np.maximum(fr.fill, sev * region)
 
 
@@ -836,18 +841,18 @@ def _lesion(fr: _Frontal, f: Finding):
             cv.add_ellipse(0.28, u0 + rng.normal(0, r / 3), v0 + rng.normal(0, r / 3), r * 0.8, r * 0.7)
         cv.add_ellipse(0.22, u0, v0, r, r * 0.9)
     else:
-        r = float(rng.uniform(0.045, 0.07))
-        cv.add_ellipse(0.42, u0, v0, r, r * 0.9, soft=0.35)
+        r = float(rng.uniform(0.055, 0.085))
+        cv.add_ellipse(0.5, u0, v0, r, r * 0.9, soft=0.3)
 
 
 def _granuloma(fr: _Frontal, f: Finding):
     cv, rng = fr.cv, fr.rng(f.observation)
     for side in _sides(f):
-        for _ in range(int(rng.integers(1, 3))):
+        for _ in range(int(rng.integers(1, 4))):
             v0 = _zone_v(fr, side, f.zone, rng)
             u0, _ = fr.anat.lung_point(side, float(rng.uniform(0.25, 0.8)), v0)
-            r = float(rng.uniform(0.022, 0.032))
-            cv.add_ellipse(0.9, u0, v0, r, r * 0.95)
+            r = float(rng.uniform(0.028, 0.038))  # small, but as dense as bone
+            cv.add_ellipse(1.0, u0, v0, r, r * 0.95)
 
 
 def _pleural_thickening(fr: _Frontal, f: Finding):
@@ -861,11 +866,12 @@ def _pleural_thickening(fr: _Frontal, f: Finding):
 
 
 def _fracture_ribs(fr: _Frontal, f: Finding, ribs: np.ndarray):
-    if f.subtype not in (None, "rib"):
+    # A fracture without a stated site is drawn on the ribs, the commonest site on a chest film.
+    if f.subtype not in (None, "rib", "other"):
         return
     cv, anat, rng = fr.cv, fr.anat, fr.rng("fracture")
     for side in _sides(f):
-        for _ in range(int(rng.integers(1, 3))):
+        for _ in range(int(rng.integers(2, 4))):
             k = int(rng.integers(3, 7))  # which rib (counted from the phase origin)
             a_f = float(rng.uniform(0.55, 0.8))
             v_f = -0.12 * a_f + 0.62 * a_f * a_f + (anat.rib_v0 + k + 0.2) * anat.rib_pitch
@@ -877,12 +883,12 @@ def _fracture_ribs(fr: _Frontal, f: Finding, ribs: np.ndarray):
             near = np.abs(phase - (k + 0.2)) < 0.6
             beyond = (a > a_f) & near
             # Displaced fragment: the lateral part steps down by a third of a rib.
-            shifted = _rib_profile(phase - 0.3, anat.rib_pitch * cv.pv)
+            shifted = _rib_profile(phase - 0.4, anat.rib_pitch * cv.pv)
             patch = np.where(beyond, shifted, ribs[win])
-            gap = _soft_band((a - a_f) * cv.pu, 0.9)
+            gap = _soft_band((a - a_f) * cv.pu, max(1.0, 0.015 * cv.pu))
             patch = patch * np.where(near, 1.0 - gap, 1.0)
             ribs[win] = patch
-            cv.add_ellipse(0.12, side * a_f, v_f, 0.035, 0.03, soft=0.5)  # callus
+            cv.add_ellipse(0.3, side * a_f, v_f, 0.05, 0.04, soft=0.5)  # callus
 
 
 def _fracture_other(fr: _Frontal, f: Finding):
@@ -890,8 +896,7 @@ def _fracture_other(fr: _Frontal, f: Finding):
     side = _sides(f)[0]
     if f.subtype == "clavicle":
         a_f = float(rng.uniform(0.35, 0.6))
-        x = a_f - 0.08
-        v_c = -0.03 - 0.30 * x + 0.16 * x * x
+        v_c = _clavicle_v(a_f)
         # A cleft through the clavicle and an offset fragment end.
         cv.add_ellipse(-0.32, side * a_f, v_c, 0.012, 0.04)
         cv.add_ellipse(0.25, side * (a_f + 0.04), v_c + 0.025, 0.04, 0.018)
@@ -900,9 +905,6 @@ def _fracture_other(fr: _Frontal, f: Finding):
         v_f = float(rng.uniform(0.55, 0.9))
         v_f = (math.floor((v_f + 0.5) / 0.085) + 0.4) * 0.085 - 0.5
         cv.add_ellipse(0.35, float(_spine_center(anat, v_f)), v_f, 0.07, 0.02)
-    elif f.subtype == "other":
-        # Proximal humerus: a dark fracture line across the neck.
-        cv.add_ellipse(-0.3, side * 1.08, 0.02, 0.14, 0.012, angle=0.4)
 
 
 def _devices(fr: _Frontal, f: Finding):
@@ -1067,7 +1069,7 @@ def _modify(anat: Anatomy, found: dict[str, Finding]) -> Anatomy:
                 ap_depth=1.25,
             )
         elif obs == "scoliosis":
-            amp = _pick(f, (0.06, 0.10, 0.16))
+            amp = _pick(f, (0.10, 0.14, 0.20))
             anat = replace(anat, spine_amp=amp if anat.rib_v0 < 0.5 else -amp, spine_phase=anat.rib_v0)
         elif obs == "aortic_abnormality" and f.subtype in (None, "tortuous"):
             anat = replace(anat, knob_u=anat.knob_u + 0.06, knob_r=anat.knob_r * 1.35)
