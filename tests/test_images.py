@@ -66,6 +66,8 @@ def test_dicom_monochrome1_is_inverted_and_windowed(tmp_path):
     _write_dicom(tmp_path / "w.dcm", ramp, "MONOCHROME2", window=(2000, 1000))
     w = np.asarray(load_image(tmp_path / "w.dcm"), dtype=int)
     assert (w == 0).mean() > 0.3 and (w == 255).mean() > 0.3
+    mid = np.argmin(np.abs(ramp[0] - 2000))  # the window's centre maps to mid grey
+    assert abs(w[0, mid] - 128) < 8
     # A DICOM without the .dcm suffix is recognised by its preamble.
     (tmp_path / "m2.dcm").rename(tmp_path / "noext")
     assert np.array_equal(np.asarray(load_image(tmp_path / "noext"), dtype=int), m2)

@@ -52,17 +52,16 @@ def _load_dicom(path: Path) -> Image.Image:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     pixels = apply_modality_lut(raw, ds).astype(np.float64)
-    # Windowing: the file's VOI LUT or window centre/width when it has one, else a robust
-    # 0.5-99.5 percentile window (raw detector ranges are far wider than the anatomy's).
-    has_window = "WindowCenter" in ds and "WindowWidth" in ds
-    if has_window or "VOILUTSequence" in ds:
-        pixels = apply_voi_lut(pixels, ds).astype(np.float64)
-        if has_window and "VOILUTSequence" not in ds:
-            center = float(np.ravel([ds.WindowCenter])[0])
-            width = float(np.ravel([ds.WindowWidth])[0])
-            lo, hi = center - width / 2, center + width / 2
-        else:
-            lo, hi = float(pixels.min()), float(pixels.max())
+    # Windowing: the file's window centre/width (the first, when several are listed) or its VOI
+    # LUT when it has one, else a robust 0.5-99.5 percentile window (raw detector ranges are far
+    # wider than the anatomy's).
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        center = float(np.ravel([ds.WindowCenter])[0])
+        width = max(float(np.ravel([ds.WindowWidth])[0]), 1.0)
+        lo, hi = center - width / 2, center + width / 2
+    elif "VOILUTSequence" in ds:
+        pixels = apply_voi_lut(apply_modality_lut(raw, ds), ds).astype(np.float64)
+        lo, hi = float(pixels.min()), float(pixels.max())
     else:
         lo, hi = (float(x) for x in np.percentile(pixels, (0.5, 99.5)))
     img = _to_uint8(pixels, lo, hi)
