@@ -842,7 +842,7 @@ def _lesion(fr: _Frontal, f: Finding):
         cv.add_ellipse(0.22, u0, v0, r, r * 0.9)
     else:
         r = float(rng.uniform(0.055, 0.085))
-        cv.add_ellipse(0.5, u0, v0, r, r * 0.9, soft=0.3)
+        cv.add_ellipse(0.6, u0, v0, r, r * 0.9, soft=0.3)
 
 
 def _granuloma(fr: _Frontal, f: Finding):
@@ -888,7 +888,7 @@ def _fracture_ribs(fr: _Frontal, f: Finding, ribs: np.ndarray):
             gap = _soft_band((a - a_f) * cv.pu, max(1.0, 0.015 * cv.pu))
             patch = patch * np.where(near, 1.0 - gap, 1.0)
             ribs[win] = patch
-            cv.add_ellipse(0.3, side * a_f, v_f, 0.05, 0.04, soft=0.5)  # callus
+            cv.add_ellipse(0.45, side * a_f, v_f, 0.055, 0.045, soft=0.5)  # callus
 
 
 def _fracture_other(fr: _Frontal, f: Finding):
@@ -975,14 +975,14 @@ def _degenerative(fr: _Frontal, f: Finding):
     cv, rng = fr.cv, fr.rng("degenerative_spine")
     anat = fr.anat
     # Osteophytes: bony spurs at the lateral endplate margins, plus sclerotic endplates.
-    levels = rng.choice(np.arange(6, 17), size=int(rng.integers(4, 8)), replace=False)
+    levels = rng.choice(np.arange(6, 17), size=int(rng.integers(5, 9)), replace=False)
     for lv in levels:
         v_e = lv * 0.085 - 0.5 - 0.004
         c = float(_spine_center(anat, v_e))
         for s in (-1, 1):
             if rng.random() < 0.8:
-                cv.add_ellipse(0.45, c + s * 0.078, v_e, 0.028, 0.014, angle=s * 0.5)
-        cv.add_ellipse(0.18, c, v_e, 0.065, 0.010)
+                cv.add_ellipse(0.55, c + s * 0.08, v_e, 0.04, 0.018, angle=s * 0.5)
+        cv.add_ellipse(0.22, c, v_e, 0.065, 0.012)
 
 
 def _hiatal_hernia(fr: _Frontal, f: Finding):
@@ -1002,11 +1002,11 @@ def _aortic(fr: _Frontal, f: Finding):
     cv, anat = fr.cv, fr.anat
     if f.subtype == "calcified":
         # Curvilinear calcification along the rim of the knob.
-        win, m = cv.ellipse(anat.knob_u, anat.knob_v, anat.knob_r, anat.knob_r * 1.1)
+        win, m = cv.ellipse(anat.knob_u, anat.knob_v, anat.knob_r, anat.knob_r * 1.1, soft=0.3)
         if win is not None:
-            rim = np.clip(1.0 - np.abs(m - 0.35) * 3.5, 0.0, 1.0)
+            rim = np.clip(1.0 - np.abs(m - 0.35) * 3.0, 0.0, 1.0)  # a band ~15% of the radius wide
             rim *= cv.V[win] < anat.knob_v + 0.2 * anat.knob_r
-            np.maximum(cv.metal[win], 0.55 * rim, out=cv.metal[win])
+            np.maximum(cv.metal[win], 0.7 * rim, out=cv.metal[win])
 
 
 _FRONTAL_STAGES: dict[str, dict[str, Callable]] = {
@@ -1072,7 +1072,7 @@ def _modify(anat: Anatomy, found: dict[str, Finding]) -> Anatomy:
             amp = _pick(f, (0.10, 0.14, 0.20))
             anat = replace(anat, spine_amp=amp if anat.rib_v0 < 0.5 else -amp, spine_phase=anat.rib_v0)
         elif obs == "aortic_abnormality" and f.subtype in (None, "tortuous"):
-            anat = replace(anat, knob_u=anat.knob_u + 0.06, knob_r=anat.knob_r * 1.35)
+            anat = replace(anat, knob_u=anat.knob_u + 0.08, knob_r=anat.knob_r * 1.45)
         elif obs == "edema" and f.subtype == "vascular_congestion":
             anat = replace(anat, upper_vessels=2.6, hilum=1.6, vessel_gain=anat.vessel_gain * 1.3)
         elif obs == "atelectasis" and f.subtype == "lobar":
