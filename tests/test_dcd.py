@@ -399,3 +399,26 @@ def test_build_stage_runs_a_round_and_trains(tiny, tmp_path):
     assert (
         stage.checkpoint_meta["block_size"] == 4 and stage.checkpoint_meta["dcd_rounds"][0]["by"] == "teacher"
     )
+
+
+def test_echocxr_train_stage_dcd_cli(tiny, tmp_path):
+    """`echocxr train --stage dcd` through the shared training CLI: one round of a few steps from a
+    tiny RAD checkpoint saved here; the final checkpoint decodes with the one-step decoder."""
+    pytest.importorskip("echocxr.train.cli", reason="the shared training CLI has not landed")
+    from echocxr.cli import main
+    from echocxr.decode.api import DecodeConfig, generate
+
+    model, tok, proc, cfg = tiny
+    model.save_pretrained(tmp_path / "rad", tok, proc, extra={"stage": "rad", "block_size": 4})
+    out = tmp_path / "dcd"
+    argv = ["train", "--stage", "dcd", "--init", str(tmp_path / "rad"), "--corpus", str(_corpus(tmp_path))]
+    argv += ["--out", str(out), "--steps", "3", "--batch-size", "2", "--device", "cpu", "--seed", "0"]
+    argv += ["--log-every", "1", "--block-size", "4", "--distill-studies", "4", "--max-new-tokens", "12"]
+    argv += ["--top-k", "8", "--image-source", "phantom"]
+    assert main(argv) == 0
+    student, tok2, proc2, meta = EchoVLM.from_pretrained(out / "final")
+    batch = _batch(tok2, proc2, cfg, TEXTS[:2])
+    res = generate(
+        student.eval(), batch, DecodeConfig(decoder="onestep", steps=1, block_size=4, max_new_tokens=8)
+    )
+    assert res.forwards == res.stats["blocks"] and all(1 <= len(t) <= 8 for t in res.tokens)
