@@ -270,3 +270,54 @@ def test_bench_cli_runs_on_tiny(tmp_path, capsys):
         assert r["flop_ratio_linear"] == pytest.approx(2 * (V + R) / (V + 2 * R))
         assert r["step_s"]["rad"] > 0 and r["step_s"]["symmetric"] > 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
+
+
+# -- echocxr train --stage rad ---------------------------------------------------------------------
+
+
+def _corpus(tmp_path):
+    from echocxr.data.records import Record, write_jsonl
+
+    recs = []
+    for i, text in enumerate(TEXTS[:3] * 2):
+        findings, _, impression = text.replace("所见：", "Findings: ").partition("\nImpression: ")
+        recs.append(
+            Record(
+                f"iu:{i}",
+                f"iu:{i}",
+                "iu",
+                "train",
+                "en",
+                findings=findings.removeprefix("Findings: "),
+                impression=impression or "Normal chest.",
+            )
+        )
+    write_jsonl(tmp_path / "corpus.jsonl", recs)
+    return tmp_path / "corpus.jsonl"
+
+
+def test_echocxr_train_stage_rad_cli(tiny, tmp_path):
+    """`echocxr train --stage rad` through the shared training CLI, from a tiny Stage-1 checkpoint
+    saved here; the final checkpoint decodes with the block decoder."""
+    pytest.importorskip("echocxr.train.cli", reason="the shared training CLI has not landed")
+    from echocxr.cli import main
+    from echocxr.decode.api import DecodeConfig, generate
+
+    _, tok, proc, cfg, _ = tiny
+    stage1 = EchoVLM.from_config(cfg, tok, seed=2)
+    stage1.save_pretrained(tmp_path / "ar", tok, proc, extra={"stage": "ar"})
+    out = tmp_path / "rad"
+    argv = ["train", "--stage", "rad", "--init", str(tmp_path / "ar"), "--corpus", str(_corpus(tmp_path))]
+    argv += ["--out", str(out), "--steps", "3", "--batch-size", "2", "--device", "cpu", "--seed", "0"]
+    argv += ["--log-every", "1", "--block-size", str(B), "--image-source", "phantom"]
+    assert main(argv) == 0
+    model, tok2, proc2, _ = EchoVLM.from_pretrained(out / "final")
+    # the vision tower was frozen: its weights are the Stage-1 ones
+    for a, b in zip(model.visual.parameters(), stage1.visual.parameters(), strict=True):
+        assert torch.equal(a.to(b.dtype), b)
+    rng = np.random.default_rng(5)
+    img = Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8))
+    batch = collate([Example([img], "en")], tok2, proc2, cfg.image_tokens)
+    dc = DecodeConfig(decoder="block", block_size=B, steps=2, max_new_tokens=8, strategy="confidence_static")
+    res = generate(model.eval(), batch, dc)
+    assert 1 <= len(res.tokens[0]) <= 8
