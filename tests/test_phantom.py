@@ -288,3 +288,22 @@ def test_bench_cli_speed_and_renderability(iu_archive, tmp_path, capsys):
     assert "learnability" not in res
     with pytest.raises(UserError, match="--size"):
         bench.run(parser.parse_args(["--iu", str(iu_archive), "--size", "40"]))
+
+
+def test_lateral_effusion_fills_the_posterior_base():
+    seed = 6
+    pose = _draw_pose(np.random.default_rng([seed, 3, 1]), "lateral")
+    cv = _Canvas(SIZE, pose)
+    W, V, anat = cv.U, cv.V, _draw_anatomy(np.random.default_rng([seed, 2]))
+    normal = render_phantom({}, view="lateral", size=SIZE, seed=seed)
+    eff = render_phantom(
+        pos("pleural_effusion", laterality="bilateral", severity="moderate"),
+        view="lateral",
+        size=SIZE,
+        seed=seed,
+    )
+    top = min(anat.dome_r, anat.dome_l)
+    base = (W > 0.1) & (W < 0.45) & (V > top - 0.25) & (V < top - 0.08)
+    apex = (W > -0.2) & (W < 0.3) & (V > 0.15) & (V < 0.35)
+    assert region_mean(eff, base) - region_mean(normal, base) > 15
+    assert abs(region_mean(eff, apex) - region_mean(normal, apex)) < 2
