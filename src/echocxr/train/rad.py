@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from echocxr.model.masks import rad_rule
 from echocxr.model.vlm import EchoVLM
+from echocxr.train.inputs import prompt_prefix, response_positions
 
 # Predict token j from position j-1 (True) or from position j itself (False). One value for
 # RAD training, the block and one-step decoders and DCD.
@@ -107,16 +108,9 @@ def rad_inputs(model: EchoVLM, batch, x_t: torch.Tensor, *, freeze_vision: bool,
     x0 = batch.response_ids
     rows, P = batch.prompt_ids.shape
     R = x0.shape[1]
-    if batch.pixel_values is not None and freeze_vision:
-        with torch.no_grad():  # frozen tower: no activations kept for backward
-            feats = model.encode_images(batch.pixel_values, batch.grid_thw)
-        prefix = model.embed(batch.prompt_ids, image_features=feats)
-    else:
-        prefix = model.embed(batch.prompt_ids, batch.pixel_values, batch.grid_thw)
+    prefix, pos_prompt = prompt_prefix(model, batch, freeze_vision=freeze_vision)
     x = torch.cat([prefix, model.embed(x_t), model.embed(x0)], 1)
-    pos_prompt = model.positions(batch.prompt_ids, batch.grid_thw, valid=batch.prompt_valid)
-    resp = pos_prompt.amax(dim=(0, 2))[:, None] + 1 + torch.arange(R, device=x0.device)[None]
-    resp = resp[None].expand(3, -1, -1)  # the noisy copy shares the clean copy's positions
+    resp = response_positions(pos_prompt, R)  # the noisy copy shares the clean copy's positions
     pos = torch.cat([pos_prompt, resp, resp], 2)
     valid = torch.cat([batch.prompt_valid, torch.ones(rows, 2 * R, dtype=torch.bool, device=x0.device)], 1)
     return x, pos, attention_mask(rad_rule(P, R, block), valid, flex=flex)

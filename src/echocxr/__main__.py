@@ -1,0 +1,5 @@
+"""`python -m echocxr` (used by `torchrun -m echocxr train ...`)."""
+
+from echocxr.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,130 @@
+"""Training batches from a corpus file: a deterministic, resumable stream.
+
+The stream is an endless sequence of training studies: epoch e is a permutation of the records
+drawn from (seed, e), and stream position k is record perm_e[k mod n] with e = k // n. Optimizer
+step s, micro-batch m of rank r (of `world`) covers positions
+
+    [((s * accum + m) * world + r) * B, ... + B)
+
+so the data position of a run is its step count, a resumed run reads exactly what the killed one
+would have read, and a DDP job over W ranks with batch B reads the same examples per step as one
+process with batch W * B. Images come from `study_images`: real files when the record has them
+(`--image-source auto|real`), phantom renders otherwise, fresh per epoch (augmentation) and
+determined by (study, seed, epoch), so worker processes change nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from echocxr.batch import Batch, Example, collate
+from echocxr.errors import UserError
+
+
+@dataclass(frozen=True)
+class Layout:
+    batch_size: int  # per rank, per micro-batch
+    grad_accum: int = 1
+    world: int = 1
+    rank: int = 0
+
+    def start(self, step: int, micro: int) -> int:
+        return ((step * self.grad_accum + micro) * self.world + self.rank) * self.batch_size
+
+
+class StudyStream:
+    """Examples and batches at stream positions (see the module docstring)."""
+
+    def __init__(
+        self,
+        corpus: str,
+        *,
+        tokenizer,
+        processor,
+        tokens_per_image: int,
+        image_size: int,
+        seed: int = 0,
+        image_source: str = "auto",
+        max_response: int | None = None,
+        multiple_of: int = 1,
+        split: str = "train",
+    ):
+        from echocxr.data.phantom import MIN_SIZE
+        from echocxr.data.records import load_corpus
+
+        path = Path(corpus)
+        if not path.is_file():
+            raise UserError(f"{corpus}: corpus file not found (make one with `echocxr data build`)")
+        records = [r for r in load_corpus(path, split=split) if r.findings.strip() or r.impression.strip()]
+        if not records:
+            raise UserError(f"{corpus}: no {split!r} records with a findings or impression text")
+        self.records, self.root = records, path.parent
+        self.tokenizer, self.processor, self.tokens_per_image = tokenizer, processor, tokens_per_image
+        self.image_size = max(image_size, MIN_SIZE)  # the processor resizes to the model's size
+        self.seed, self.image_source = seed, image_source
+        self.max_response, self.multiple_of = max_response, multiple_of
+        self._perms: dict[int, list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms = {epoch: torch.randperm(len(self.records), generator=g).tolist()}
+        return self._perms[epoch]
+
+    def example(self, position: int) -> Example:
+        from echocxr.data.images import study_images
+
+        epoch, i = divmod(position, len(self.records))
+        r = self.records[self._perm(epoch)[i]]
+        images = study_images(
+            r, size=self.image_size, seed=self.seed, epoch=epoch, source=self.image_source, root=self.root
+        )
+        return Example(images, r.language, r.report, r.record_id, {"source": r.source})
+
+    def batch(self, start: int, size: int) -> Batch:
+        return collate(
+            [self.example(k) for k in range(start, start + size)],
+            self.tokenizer,
+            self.processor,
+            self.tokens_per_image,
+            max_response=self.max_response,
+            multiple_of=self.multiple_of,
+        )
+
+
+class _MicroBatches(torch.utils.data.Dataset):
+    """Item j = the j-th micro-batch (counted from step 0) of this rank."""
+
+    def __init__(self, stream: StudyStream, layout: Layout):
+        self.stream, self.layout = stream, layout
+
+    def __len__(self) -> int:  # never exhausted: the sampler bounds the range
+        return 2**62
+
+    def __getitem__(self, j: int) -> Batch:
+        step, micro = divmod(j, self.layout.grad_accum)
+        return self.stream.batch(self.layout.start(step, micro), self.layout.batch_size)
+
+
+def _keep(x):
+    return x
+
+
+def micro_batches(stream: StudyStream, layout: Layout, first_step: int, last_step: int, workers: int = 0):
+    """Micro-batches of steps first_step..last_step-1 in order (`grad_accum` per step). With
+    workers > 0, DataLoader processes render and tokenize ahead of the training step."""
+    order = range(first_step * layout.grad_accum, last_step * layout.grad_accum)
+    ds = _MicroBatches(stream, layout)
+    if workers <= 0:
+        return (ds[j] for j in order)
+    return iter(
+        torch.utils.data.DataLoader(
+            ds, batch_size=None, sampler=order, num_workers=workers, collate_fn=_keep, prefetch_factor=4
+        )
+    )
