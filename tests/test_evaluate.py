@@ -172,17 +172,22 @@ def test_eos_confidence_counts_positions(tiny):
         model.config.image_tokens,
         multiple_of=4,
     )
+    from echocxr.train.rad import logits_for_block
+
+    # the decoders' reading: token j of the block from slot j-1, token 0 from the last clean token
     with torch.no_grad():
         pre = prefill(model, one, 64)
         P = pre.cache.length
+        before = pre.last_logits
         clean = one.response_ids[:, :first]
         if first:
             pos = text_positions(pre.next_pos, 0, first)
             pre.cache.key_valid[:, P : P + first] = True
-            model(
+            hc = model(
                 model.embed(clean), pos, with_padding(pre.cache, decode_block(P, first, 4)), cache=pre.cache
             )
             pre.cache.commit(first)
+            before = model.logits(hc[:, -1])
         masked = torch.full((1, 4), model.special.mask)
         pre.cache.key_valid[:, P + first : P + first + 4] = True
         h = model(
@@ -191,7 +196,7 @@ def test_eos_confidence_counts_positions(tiny):
             with_padding(pre.cache, decode_block(P + first, 4, 4)),
             cache=pre.cache,
         )
-        p = model.logits(h).float().softmax(-1)[0]
+        p = logits_for_block(model, h, before).softmax(-1)[0]
     ref = one.response_ids[0, first : first + 4]
     direct = p[torch.arange(4), ref][n - 1 - first :]
     assert torch.allclose(torch.tensor(conf["eos"][: len(direct)]), direct, atol=1e-5)
@@ -219,3 +224,26 @@ def test_pareto_front_and_plots(tmp_path):
     )
     for path in (p, e):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_commit_confidences_read_the_block_trajectory(tiny):
+    """Every committed token of a row appears once with its commit-time confidence."""
+    from echocxr.batch import Example, collate
+    from echocxr.decode.api import DecodeConfig, generate
+    from echocxr.model.image_processing import make_image_processor
+
+    root, model, tok = tiny
+    img = __import__("PIL.Image", fromlist=["Image"]).new("L", (56, 56), 128)
+    batch = collate(
+        [Example([img], "en"), Example([img], "zh")], tok, make_image_processor(56), model.config.image_tokens
+    )
+    dc = DecodeConfig(decoder="block", block_size=4, steps=2, max_new_tokens=8, record_trajectory=True)
+    out = generate(model.eval(), batch, dc)
+    eos = model.special.eos
+    for row in range(2):
+        commits = ev.commit_confidences(out.trajectory, row, eos)
+        steps = [s for blk in out.trajectory[row] for s in blk]
+        assert len(commits) == sum(len(s.tokens) for s in steps) == 4 * len(out.trajectory[row])
+        assert [c for _, c in commits] == [c for s in steps for c in s.confidence]
+        assert all(0.0 <= c <= 1.0 for _, c in commits)
+    assert ev.commit_confidences(None, 0, eos) is None

@@ -88,6 +88,7 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[Record]) -> int:
         for r in records:
             f.write(r.to_json() + "\n")
             n += 1
+    os.chmod(tmp, 0o644)  # mkstemp makes the file private; a corpus is meant to be shared
     os.replace(tmp, path)
     return n
 

@@ -23,7 +23,7 @@ class DecodeConfig:
     decoder: str = "ar"
     max_new_tokens: int = 160
     block_size: int = 8
-    steps: int = 8  # denoising steps per block ("block" decoder); 1 <= steps <= block_size
+    steps: int = 8  # denoising steps per block ("block" decoder only); 1 <= steps <= block_size
     strategy: str = "confidence_dynamic"
     threshold: float = 0.85  # confidence_dynamic: commit every position above it (and the scheduled count)
     temperature: float = 0.0
@@ -39,7 +39,7 @@ class DecodeConfig:
             raise UserError(f"unknown decoder {self.decoder!r}; choose one of {sorted(DECODERS)}")
         if self.strategy not in STRATEGIES:
             raise UserError(f"unknown unmasking strategy {self.strategy!r}; choose one of {STRATEGIES}")
-        if not 1 <= self.steps <= self.block_size:
+        if self.decoder == "block" and not 1 <= self.steps <= self.block_size:
             raise UserError(f"steps must be in 1..block_size ({self.block_size}), got {self.steps}")
 
 

@@ -278,21 +278,15 @@ def _jsonable(value):
 
 def commit_confidences(trajectory, row: int, eos: int) -> list[tuple[bool, float]] | None:
     """(is EOS, confidence when committed) per committed position of one row, from a block
-    decoder's trajectory, or None when the decoder recorded none in a form we read.
-
-    Reads trajectory entries that are dicts with per-row lists "tokens" and "confidence"
-    (committed ids and their probabilities at commit)."""
-    if not trajectory:
+    decoder's trajectory (`decode.block`: trajectory[row][block][step] of StepRecord), or None
+    when the decoder recorded none."""
+    if not trajectory or row >= len(trajectory):
         return None
     out = []
-    for step in trajectory:
-        if not isinstance(step, dict) or "tokens" not in step or "confidence" not in step:
-            return None
-        toks, conf = _jsonable(step["tokens"]), _jsonable(step["confidence"])
-        if row >= len(toks):
-            continue
-        for t, c in zip(toks[row], conf[row]):
-            out.append((int(t) == eos, float(c)))
+    for block in trajectory[row]:
+        for step in block:
+            for t, c in zip(step.tokens, step.confidence, strict=True):
+                out.append((int(t) == eos, float(c)))
     return out
 
 
@@ -372,32 +366,24 @@ def eos_confidence(model, batch, block: int) -> dict[str, list[float]]:
     situation of a one-step decoder (and of the first step of the block decoder).
 
     One forward in the RAD layout [prompt | noisy (all <|mask|>) | clean reference]: noisy block i
-    sees the prompt, clean blocks < i and itself. Confidence = the probability given to the
-    reference token. Positions up to the end of the block holding each row's first EOS count;
-    "eos" collects that first EOS and the EOS padding after it in its block (what the decoder must
-    emit there), "content" every earlier token. `batch` must come from `collate(...,
-    multiple_of=block)` with reports.
+    sees the prompt, clean blocks < i and itself, and each token is read from the slot the decoders
+    read it from (the token shift of `train.rad.AR_SHIFT`; `train.dcd.rad_student_logits`).
+    Confidence = the probability given to the reference token. Positions up to the end of the
+    block holding each row's first EOS count; "eos" collects that first EOS and the EOS padding
+    after it in its block (what the decoder must emit there), "content" every earlier token.
+    `batch` must come from `collate(..., multiple_of=block)` with reports.
     """
     import torch
 
-    from echocxr.decode.common import prefill, text_positions, with_padding
-    from echocxr.model.masks import dense, rad_rule
+    from echocxr.train.dcd import rad_student_logits
+    from echocxr.train.rad import AR_SHIFT
 
     R = batch.response_ids.shape[1]
     if R % block:
         raise ValueError(f"response length {R} is not a multiple of the block size {block}")
     with torch.no_grad():
-        pre = prefill(model, batch, 2 * R)
-        P = pre.cache.length
-        ids = torch.cat([torch.full_like(batch.response_ids, model.special.mask), batch.response_ids], 1)
-        pos = text_positions(pre.next_pos, 0, R)
-        pos = torch.cat([pos, pos], 2)  # the noisy copy sits at the same positions as the clean one
-        pre.cache.key_valid[:, P : P + 2 * R] = True
-        mask = with_padding(
-            pre.cache, dense(rad_rule(P, R, block), 2 * R, P + 2 * R, q_offset=P, device=ids.device)
-        )
-        h = model(model.embed(ids), pos, mask, cache=pre.cache, start=P)
-        probs = model.logits(h[:, :R]).float().softmax(-1)
+        logits = rad_student_logits(model, batch, batch.response_ids, block, AR_SHIFT)
+        probs = logits.float().softmax(-1)
         p_ref = probs.gather(-1, batch.response_ids[..., None])[..., 0]  # [B, R]
     out: dict[str, list[float]] = {"eos": [], "content": []}
     for b, n in enumerate(batch.response_len.tolist()):
