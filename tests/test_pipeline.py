@@ -151,3 +151,43 @@ def test_demo_needs_the_archive(tmp_path):
     args = p.parse_args(["--iu", str(tmp_path / "missing.tgz"), "--images", ""])
     with pytest.raises(UserError, match="missing.tgz"):
         pl.run_demo(args)
+
+
+@pytest.mark.slow
+def test_micro_pipeline_end_to_end(tmp_path, iu_archive, iu_images):
+    """The real chain on 150 IU reports with a few steps per stage: every step runs through the
+    CLI, the results page has a row per decoder, and a rerun skips everything."""
+    import tarfile
+
+    small = tmp_path / "iu150.tgz"
+    with tarfile.open(iu_archive) as src, tarfile.open(small, "w:gz") as dst:
+        members = [m for m in src.getmembers() if m.isfile() and m.name.endswith(".xml")][:150]
+        for m in members:
+            dst.addfile(m, src.extractfile(m))
+    cfg = pl.get_pipeline_preset(
+        "tiny",
+        ar_steps=3,
+        rad_steps=3,
+        dcd_steps=2,
+        batch_size=4,
+        warmup=1,
+        distill_studies=4,
+        eval_limit=4,
+        eval_zh_limit=2,
+        eval_batch_size=4,
+        eval_size=10,
+        metrics=("bleu_coco", "phantom_f1"),
+        bench_batch_sizes=(1,),
+        bench_new_tokens=8,
+        log_every=1,
+    )
+    opt = pl.RunOptions(out=tmp_path / "run", iu=small, images=iu_images, results=tmp_path / "RESULTS.md")
+    assert pl.run_pipeline(cfg, opt) == 0
+    page = (tmp_path / "RESULTS.md").read_text()
+    for label in ("| ar |", "rad_b8 block K=8", "dcd_b4 onestep fused", "zh dcd_b8", "original text: dcd_b4"):
+        assert label in page
+    assert "## Reports for the four real IU radiographs" in page
+    meta = json.loads((tmp_path / "run" / "dcd_b8" / "final" / "echocxr.json").read_text())
+    assert meta["stage"] == "dcd" and meta["block_size"] == 8
+    steps = pl.plan(cfg, opt)
+    assert set(pl.status(steps).values()) == {"done"}
