@@ -404,7 +404,6 @@ def test_build_stage_runs_a_round_and_trains(tiny, tmp_path):
 def test_echocxr_train_stage_dcd_cli(tiny, tmp_path):
     """`echocxr train --stage dcd` through the shared training CLI: one round of a few steps from a
     tiny RAD checkpoint saved here; the final checkpoint decodes with the one-step decoder."""
-    pytest.importorskip("echocxr.train.cli", reason="the shared training CLI has not landed")
     from echocxr.cli import main
     from echocxr.decode.api import DecodeConfig, generate
 

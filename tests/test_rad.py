@@ -299,7 +299,6 @@ def _corpus(tmp_path):
 def test_echocxr_train_stage_rad_cli(tiny, tmp_path):
     """`echocxr train --stage rad` through the shared training CLI, from a tiny Stage-1 checkpoint
     saved here; the final checkpoint decodes with the block decoder."""
-    pytest.importorskip("echocxr.train.cli", reason="the shared training CLI has not landed")
     from echocxr.cli import main
     from echocxr.decode.api import DecodeConfig, generate
 
