@@ -36,6 +36,23 @@ class SpecialIds:
     vision_end: int
 
 
+_COMPILED_FLEX = None
+
+
+def _flex_attention(cuda: bool):
+    """FlexAttention only skips masked-out tiles when compiled; run eagerly it materialises every
+    score. Inside an enclosing torch.compile the plain function is traced into that graph. On CPU
+    (tests, float64) the eager reference runs."""
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not cuda or torch.compiler.is_compiling():
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -197,9 +214,7 @@ class EchoVLM(nn.Module):
         if cache is not None:
             k, v = cache.write(i, start, k, v, kv_len)
         if mask is not None and not isinstance(mask, torch.Tensor):  # FlexAttention BlockMask
-            from torch.nn.attention.flex_attention import flex_attention
-
-            o = flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
+            o = _flex_attention(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=True)
         else:
             o = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None and cache is None, enable_gqa=True
