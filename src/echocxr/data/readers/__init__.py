@@ -59,6 +59,26 @@ def require_path(path: str | Path, what: str) -> Path:
 _WS = re.compile(r"\s+")
 
 
+def csv_rows(reader, path, log: IssueLog, source: str):
+    """(\"file:line\", row) for every well-formed row of a csv.DictReader. A row the csv module
+    rejects or one with the wrong number of fields is logged as broken_csv_row and skipped."""
+    import csv
+
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            log.add(source, f"{path}:{reader.line_num}", "broken_csv_row", str(e))
+            continue
+        where = f"{path}:{reader.line_num}"
+        if None in row or any(v is None for v in row.values()):
+            log.add(source, where, "broken_csv_row", "wrong number of fields")
+            continue
+        yield where, row
+
+
 def clean_text(text: str | None) -> str:
     """Collapse whitespace; `None` and NaN-like CSV cells become empty."""
     if text is None:

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from echocxr.data.readers import IssueLog, clean_text, image_ref, normalize_view, require_path
+from echocxr.data.readers import IssueLog, clean_text, csv_rows, image_ref, normalize_view, require_path
 from echocxr.data.records import Record
 from echocxr.errors import UserError
 
@@ -81,26 +81,15 @@ def read_chexpert(
         missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
         if missing:
             raise UserError(f"{csv_path}: not a CheXpert-Plus table (missing columns {missing})")
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as e:
-                log.add(SOURCE, f"{csv_path}:{reader.line_num}", "broken_csv_row", str(e))
-                continue
-            lineno = reader.line_num
-            if None in row or any(v is None for v in row.values()):
-                log.add(SOURCE, f"{csv_path}:{lineno}", "broken_csv_row", "wrong number of fields")
-                continue
+        for where, row in csv_rows(reader, csv_path, log, SOURCE):
             rel = clean_text(row["path_to_image"])
             key = study_key(rel)
             if key is None:
-                log.add(SOURCE, f"{csv_path}:{lineno}", "bad_image_path", rel[:120])
+                log.add(SOURCE, where, "bad_image_path", rel[:120])
                 continue
             st = studies.get(key)
             if st is None:
-                st = studies[key] = {"row": row, "line": lineno, "images": []}
+                st = studies[key] = {"row": row, "where": where, "images": []}
             st["images"].append((rel, _view(row)))
 
     for key, st in studies.items():
@@ -122,7 +111,7 @@ def read_chexpert(
             impression=imp,
             original={"findings": fnd, "impression": imp, "text": (row.get("report") or "").strip()},
             meta={
-                "file": f"{csv_path}:{st['line']}",
+                "file": st["where"],
                 "patient_id": clean_text(row.get("deid_patient_id")) or key.split("/")[0],
                 "official_split": _OFFICIAL_SPLIT.get(clean_text(row.get("split")).lower()),
                 "exam": clean_text(row.get("section_narrative")),

@@ -24,7 +24,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from echocxr.data.readers import IssueLog, clean_text, image_ref, normalize_view, require_path
+from echocxr.data.readers import IssueLog, clean_text, csv_rows, image_ref, normalize_view, require_path
 from echocxr.data.readers.chexpert import raise_csv_field_limit
 from echocxr.data.records import Record
 from echocxr.errors import UserError
@@ -103,20 +103,7 @@ def _rows(table: Path, log: IssueLog) -> Iterator[tuple[str, dict]]:
                 if missing:
                     # A renamed column would silently read every study as empty: refuse the table.
                     raise UserError(f"{table}: not a ReXGradient metadata table (missing columns {missing})")
-                while True:
-                    try:
-                        row = next(reader)
-                    except StopIteration:
-                        return
-                    except csv.Error as e:
-                        log.add(SOURCE, f"{table}:{reader.line_num}", "broken_csv_row", str(e))
-                        continue
-                    if None in row or any(v is None for v in row.values()):
-                        log.add(
-                            SOURCE, f"{table}:{reader.line_num}", "broken_csv_row", "wrong number of fields"
-                        )
-                        continue
-                    yield f"{table}:{reader.line_num}", row
+                yield from csv_rows(reader, table, log, SOURCE)
         elif table.suffix == ".jsonl":
             with table.open(encoding="utf-8") as f:
                 for lineno, line in enumerate(f, 1):
