@@ -235,3 +235,41 @@ def test_user_errors(corpus, tmp_path, capsys):
     assert "pass --resume" in capsys.readouterr().err
     assert train_cli(corpus, tmp_path / "e", "--steps", 3, "--batch-size", 4, "--resume") == 2
     assert "batch_size: 2 -> 4" in capsys.readouterr().err
+
+
+def test_rad_and_dcd_resume_exactly(corpus, tmp_path, monkeypatch):
+    """Stages with their own randomness (RAD's noise) and state (DCD's rollouts, collected once at
+    step 0 and restored from the checkpoint, not collected again) also resume bitwise."""
+    assert train_cli(corpus, tmp_path / "ar", "--steps", 2, "--batch-size", 2, "--warmup", 0) == 0
+    init = {"rad": tmp_path / "ar" / "final", "dcd": tmp_path / "rad" / "final"}
+    extra = {
+        "rad": ["--block-size", 4],
+        "dcd": ["--block-size", 4, "--distill-studies", 4, "--max-new-tokens", 8],
+    }
+    real_save = loop.save_checkpoint
+    for stage in ("rad", "dcd"):
+        args = ["--stage", stage, "--init", init[stage], "--steps", 4, "--batch-size", 2, "--warmup", 1]
+        args += ["--save-every", 2, *extra[stage]]
+
+        def run(out, *more):
+            argv = ["train", "--corpus", str(corpus), "--out", str(out), "--device", "cpu", "--no-progress"]
+            argv += ["--image-source", "phantom", "--log-every", "1"]
+            return main(argv + [str(x) for x in args + list(more)])
+
+        assert run(tmp_path / stage) == 0
+
+        def save_then_die(*a, **k):
+            real_save(*a, **k)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+        assert run(tmp_path / f"{stage}_killed") == 130
+        monkeypatch.setattr(loop, "save_checkpoint", real_save)
+        assert run(tmp_path / f"{stage}_killed", "--resume") == 0
+        a = load_file(tmp_path / stage / "final" / "model.safetensors")
+        b = load_file(tmp_path / f"{stage}_killed" / "final" / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), stage
+        la, lb = log_rows(tmp_path / stage), log_rows(tmp_path / f"{stage}_killed")
+        assert [r["loss"] for r in la] == [r["loss"] for r in lb], stage
+    meta = json.loads((tmp_path / "dcd_killed" / "final" / "echocxr.json").read_text())
+    assert len(meta["dcd_rounds"]) == 1  # the resumed run did not collect its rollouts again
