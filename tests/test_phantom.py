@@ -307,3 +307,25 @@ def test_lateral_effusion_fills_the_posterior_base():
     apex = (W > -0.2) & (W < 0.3) & (V > 0.15) & (V < 0.35)
     assert region_mean(eff, base) - region_mean(normal, base) > 15
     assert abs(region_mean(eff, apex) - region_mean(normal, apex)) < 2
+
+
+@pytest.mark.parametrize("subtype", ["rib", "clavicle", "spine"])
+def test_fracture_brightens_its_site_on_the_stated_side(subtype):
+    """A rib or clavicle fracture on the right (image left) adds bright callus or an overriding
+    fragment there and leaves the left hemithorax alone; a vertebral fracture adds a sclerotic band
+    on the spine (the midline)."""
+    seed = 11
+    U, V, _ = coords(seed)
+    normal = render_phantom({}, size=SIZE, seed=seed).astype(float)
+    frac = render_phantom(pos("fracture", laterality="right", subtype=subtype), size=SIZE, seed=seed).astype(
+        float
+    )
+    diff = frac - normal
+    brighter = diff > 30
+    assert brighter.sum() >= 12  # a callus of a few pixels across at least
+    if subtype == "spine":
+        assert np.abs(U[brighter]).max() < 0.15
+    else:
+        assert (U[brighter] < 0).all() and np.abs(diff[U > 0.1]).max() < 5
+        if subtype == "clavicle":
+            assert V[brighter].max() < 0.2  # up at the clavicle (V 0 at the apices, about 1 at the domes)

@@ -251,7 +251,7 @@ def test_rad_and_dcd_resume_exactly(corpus, tmp_path, monkeypatch):
         args = ["--stage", stage, "--init", init[stage], "--steps", 4, "--batch-size", 2, "--warmup", 1]
         args += ["--save-every", 2, *extra[stage]]
 
-        def run(out, *more):
+        def run(out, *more, args=args):
             argv = ["train", "--corpus", str(corpus), "--out", str(out), "--device", "cpu", "--no-progress"]
             argv += ["--image-source", "phantom", "--log-every", "1"]
             return main(argv + [str(x) for x in args + list(more)])

@@ -871,7 +871,7 @@ def _fracture_ribs(fr: _Frontal, f: Finding, ribs: np.ndarray):
         return
     cv, anat, rng = fr.cv, fr.anat, fr.rng("fracture")
     for side in _sides(f):
-        for _ in range(int(rng.integers(2, 4))):
+        for _ in range(int(rng.integers(3, 5))):
             k = int(rng.integers(3, 7))  # which rib (counted from the phase origin)
             a_f = float(rng.uniform(0.55, 0.8))
             v_f = -0.12 * a_f + 0.62 * a_f * a_f + (anat.rib_v0 + k + 0.2) * anat.rib_pitch
@@ -888,7 +888,7 @@ def _fracture_ribs(fr: _Frontal, f: Finding, ribs: np.ndarray):
             gap = _soft_band((a - a_f) * cv.pu, max(1.0, 0.015 * cv.pu))
             patch = patch * np.where(near, 1.0 - gap, 1.0)
             ribs[win] = patch
-            cv.add_ellipse(0.45, side * a_f, v_f, 0.055, 0.045, soft=0.5)  # callus
+            cv.add_ellipse(0.7, side * a_f, v_f, 0.07, 0.055, soft=0.5)  # callus: a bright, lumpy cuff
 
 
 def _fracture_other(fr: _Frontal, f: Finding):
@@ -897,14 +897,15 @@ def _fracture_other(fr: _Frontal, f: Finding):
     if f.subtype == "clavicle":
         a_f = float(rng.uniform(0.35, 0.6))
         v_c = _clavicle_v(a_f)
-        # A cleft through the clavicle and an offset fragment end.
-        cv.add_ellipse(-0.32, side * a_f, v_c, 0.012, 0.04)
-        cv.add_ellipse(0.25, side * (a_f + 0.04), v_c + 0.025, 0.04, 0.018)
+        # A cleft through the clavicle, an offset (overriding) fragment end and callus around it.
+        cv.add_ellipse(-0.6, side * a_f, v_c, 0.02, 0.06)
+        cv.add_ellipse(0.55, side * (a_f + 0.05), v_c + 0.03, 0.06, 0.025)
+        cv.add_ellipse(0.35, side * a_f, v_c + 0.01, 0.07, 0.045, soft=0.5)
     elif f.subtype == "spine":
         # Compression: one flattened, sclerotic vertebral body.
         v_f = float(rng.uniform(0.55, 0.9))
         v_f = (math.floor((v_f + 0.5) / 0.085) + 0.4) * 0.085 - 0.5
-        cv.add_ellipse(0.35, float(_spine_center(anat, v_f)), v_f, 0.07, 0.02)
+        cv.add_ellipse(0.6, float(_spine_center(anat, v_f)), v_f, 0.08, 0.028)
 
 
 def _devices(fr: _Frontal, f: Finding):
@@ -1222,7 +1223,7 @@ def _render_lateral(anat: Anatomy, pose: Pose, size: int, seed: int, found: dict
         elif obs == "fracture" and f.subtype == "spine":
             v_f = float(frng.uniform(0.55, 0.9))
             v_f = (math.floor((v_f + 0.5) / 0.085) + 0.4) * 0.085 - 0.5
-            cv.add_ellipse(0.35, (spine_w0 + spine_w1) / 2, v_f, 0.09 * d, 0.02)
+            cv.add_ellipse(0.6, (spine_w0 + spine_w1) / 2, v_f, 0.1 * d, 0.028)
         elif obs == "hiatal_hernia":
             u0, v0 = 0.25, anat.heart_v + 0.05
             win, m = cv.ellipse(u0, v0, 0.1, 0.09)
