@@ -17,7 +17,10 @@ from echocxr.data.phantom import (
     _Canvas,
     _draw_anatomy,
     _draw_pose,
+    _sample_vessels,
+    _sample_vessels_reference,
     findings_for_record,
+    keep_freed_memory,
     render_phantom,
     resolve_findings,
     study_seed,
@@ -283,6 +286,9 @@ def test_bench_cli_speed_and_renderability(iu_archive, tmp_path, capsys):
     assert bench.run(args) == 0
     res = json.loads(out.read_text().splitlines()[0])
     assert res["speed"]["renders"] == 5 and res["speed"]["per_cpu_second"] > 0
+    assert isinstance(res["speed"]["heap_kept"], bool)
+    default = res["speed"]["per_cpu_second_default_allocator"]
+    assert default is None or default > 0
     r = res["renderability"]
     assert r["studies"] == 3555 and 0 < r["with_unmapped_mesh"] < r["studies"]
     assert "learnability" not in res
@@ -329,3 +335,27 @@ def test_fracture_brightens_its_site_on_the_stated_side(subtype):
         assert (U[brighter] < 0).all() and np.abs(diff[U > 0.1]).max() < 5
         if subtype == "clavicle":
             assert V[brighter].max() < 0.2  # up at the clavicle (V 0 at the apices, about 1 at the domes)
+
+
+@pytest.mark.parametrize("size", [MIN_SIZE, 224, MAX_SIZE])
+def test_vessel_resample_matches_the_reference_gather(size):
+    # The fast path (one PIL affine resample) against per-pixel texel indices from U, V: the
+    # two may pick the neighbouring texel where a pixel centre falls on a texel edge.
+    for seed in range(12):
+        pose = _draw_pose(np.random.default_rng([seed, 3, 0]), "frontal")
+        anat = _draw_anatomy(np.random.default_rng([seed, 2]))
+        cv = _Canvas(size, pose)
+        fast, ref = _sample_vessels(cv, anat), _sample_vessels_reference(cv, anat)
+        assert fast.shape == ref.shape == (size, size) and fast.dtype == np.float32
+        assert ref.max() > 0.5, "the vessel map should cover the lungs"
+        assert (fast != ref).mean() < 2e-3
+        assert np.abs(fast - ref).mean() < 1e-3
+
+
+def test_keep_freed_memory_runs_once_and_says_whether_it_applied():
+    import platform
+
+    first = keep_freed_memory()
+    assert keep_freed_memory() is first  # once per process
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert first is glibc

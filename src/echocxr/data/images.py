@@ -155,7 +155,7 @@ def study_images(
     differ from epoch to epoch otherwise. Real images are the same every epoch (augmenting
     them is the training loop's business).
     """
-    from echocxr.data.phantom import VIEWS, findings_for_record, render_phantom, study_seed
+    from echocxr.data.phantom import VIEWS, findings_for_record, keep_freed_memory, render_phantom, study_seed
 
     if source not in IMAGE_SOURCES:
         raise ValueError(f"source must be one of {IMAGE_SOURCES}, not {source!r}")
@@ -171,6 +171,7 @@ def study_images(
         if source == "real":
             listed = ", ".join(str(_resolve_path(r.path, root_path)) for r in record.images) or "none listed"
             raise UserError(f"{record.study_id}: no image file for views {list(views)} ({listed})")
+    keep_freed_memory()  # renders reuse freed heap instead of page-faulting it back in
     findings, _ = findings_for_record(record)
     s = study_seed(record.study_id, seed, epoch)
     return [Image.fromarray(render_phantom(findings, view=v, size=size, seed=s)) for v in views]

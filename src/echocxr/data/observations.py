@@ -7,7 +7,7 @@ the MeSH code gives them, laterality, severity, zone and subtype.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 CHEXPERT14: tuple[str, ...] = (
@@ -106,7 +106,8 @@ class Finding:
                 raise ValueError(f"unknown {name} {value!r} for {self.observation}")
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        # Every field is a string or None, so no deep copy (asdict) is needed.
+        return {k: v for k in _FINDING_FIELDS if (v := getattr(self, k)) is not None}
 
     @staticmethod
     def from_dict(d: dict) -> Finding:
@@ -119,6 +120,7 @@ class Finding:
         )
 
 
+_FINDING_FIELDS = ("observation", "status", "laterality", "severity", "zone", "subtype")
 Findings = dict[str, Finding]  # observation -> Finding
 
 
