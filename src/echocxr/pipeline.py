@@ -896,7 +896,7 @@ def run_demo(args: argparse.Namespace) -> int:
     args.device, args.seed = "cpu", 0
     cfg, opt = _options(args, "tiny")
     print(
-        "echocxr demo: tiny models trained on phantom radiographs on CPU (about 10 minutes on 2 cores). "
+        "echocxr demo: tiny models trained on phantom radiographs on CPU (about 9-11 minutes on 2 cores). "
         "Reports on the real radiographs have no clinical meaning.",
         file=sys.stderr,
     )
