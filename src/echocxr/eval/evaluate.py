@@ -47,6 +47,7 @@ DEFAULT_METRICS: tuple[str, ...] = (
     "semscore_minilm",
     "label_f1",
     "phantom_f1",
+    "phantom_grounding",
 )
 
 

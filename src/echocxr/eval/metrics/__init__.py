@@ -209,6 +209,17 @@ REGISTRY: dict[str, MetricSpec] = {
             needs_truth=True,
         ),
         MetricSpec(
+            "phantom_grounding",
+            "labels",
+            "phantom_grounding",
+            "english",
+            "per-finding phantom-truth F1 and macro-F1 over abnormal findings (no_finding excluded) "
+            "with >= 5 and >= 10 positives in the eval set",
+            (_LABELER,),
+            needs_truth=True,
+            options=("min_positives",),
+        ),
+        MetricSpec(
             "sembscore_chexbert",
             "chexbert",
             "sembscore",
