@@ -148,6 +148,14 @@ def test_best_k_reads_the_finished_evals(tmp_path):
     assert pl.best_k(same) == 3  # a full tie goes to fewer steps
     with pytest.raises(UserError, match="K=7"):
         pl.best_k({**folders, 7: tmp_path / "missing"})
+    # A resumed control whose best K changed starts over; its old samples are kept aside.
+    control = tmp_path / "control"
+    control.mkdir()
+    (control / "settings.json").write_text(json.dumps({"steps": 2}))
+    pl._set_aside_other_settings(control, {"steps": 2})
+    assert control.is_dir()
+    pl._set_aside_other_settings(control, {"steps": 4})
+    assert not control.exists() and len(list(tmp_path.glob("control.stale-*"))) == 1
 
 
 def test_real_image_studies_group_views(iu_images):

@@ -531,7 +531,13 @@ def best_k(k_folders: dict[int, Path]) -> int:
 def _set_aside_other_settings(folder: Path, fingerprint: dict) -> None:
     """A resumed control whose best K changed: keep its old samples aside, start over."""
     settings = folder / "settings.json"
-    if settings.is_file() and json.loads(settings.read_text()) != fingerprint:
+    if not settings.is_file():
+        return
+    try:
+        same = json.loads(settings.read_text()) == fingerprint
+    except json.JSONDecodeError:
+        same = False
+    if not same:
         folder.rename(folder.with_name(f"{folder.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}"))
 
 
