@@ -119,3 +119,16 @@ def test_a_reader_of_the_image_scores_high_on_real_and_low_on_both_controls():
     assert truth == [ev.phantom_truth(r, 0) for r in records]
     assert scores["phantom"] == 1.0
     assert scores["shuffled"] < 0.5 and scores["blank"] < 0.5, scores
+
+
+def test_cli_accepts_the_control_sources():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    ev.add_arguments(parser)
+    for source in ev.IMAGE_SOURCES:
+        args = parser.parse_args(["--ckpt", "c", "--corpus", "c", "--out", "o", "--image-source", source])
+        cfg = ev.config_from_args(args)
+        assert cfg.image_source == source and f"--image-source {source}" in " ".join(ev.cli_args(cfg))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--ckpt", "c", "--corpus", "c", "--out", "o", "--image-source", "black"])
