@@ -280,6 +280,20 @@ def test_micro_pipeline_end_to_end(tmp_path, iu_archive, iu_images):
     for label in ("| ar |", "rad_b8 block K=8", "dcd_b4 onestep fused", "zh dcd_b8", "original text: dcd_b4"):
         assert label in page
     assert "## Reports for the four real IU radiographs" in page
+    # The grounding table leads, with both controls found beside AR and the fused DCD models.
+    grounding = page[page.index("## Grounding") : page.index("## Every decoder")]
+    rows = {line.split("|")[1].strip(): line for line in grounding.splitlines() if line.startswith("| ")}
+
+    def has_controls(label: str) -> bool:
+        cells = [c.strip() for c in rows[label].strip("|").split("|")]
+        return "n/a" not in cells[4:8]  # blank, shuffled and both gaps
+
+    assert all(has_controls(x) for x in ("ar", "dcd_b4 onestep fused", "dcd_b8 onestep fused"))
+    assert sum(has_controls(f"rad_b8 block K={k}") for k in (1, 2, 4, 8)) == 1  # the best K only
+    best = json.loads(
+        (tmp_path / "run" / "eval" / "rad_b8_block_best_k_shuffled" / "aggregate.json").read_text()
+    )
+    assert best["image_source"] == "shuffled" and best["decode"]["steps"] in (1, 2, 4, 8)
     meta = json.loads((tmp_path / "run" / "dcd_b8" / "final" / "echocxr.json").read_text())
     assert meta["stage"] == "dcd" and meta["block_size"] == 8
     steps = pl.plan(cfg, opt)
