@@ -17,7 +17,16 @@ import time
 
 import torch
 
-from echocxr.decode.common import Output, cut_at_eos, prefill, sample, text_positions, with_padding
+from echocxr.decode.common import (
+    Output,
+    banned_tokens,
+    cut_at_eos,
+    guard,
+    prefill,
+    sample,
+    text_positions,
+    with_padding,
+)
 from echocxr.decode.graphs import GraphStep, StaticKV, compiled_step, full_capacity
 from echocxr.model.masks import decode_causal
 from echocxr.model.vlm import EchoVLM
@@ -65,7 +74,8 @@ def generate(model: EchoVLM, batch, cfg, *, mode: str | None = None) -> Output:
     mode = mode or ("graph" if device.type == "cuda" else "eager")
     step = TokenStep(model, pre.cache, pre.next_pos, mode)
     gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.temperature > 0 else None
-    pick = lambda logits: sample(logits, cfg.temperature, cfg.top_k, cfg.top_p, gen)[0]  # noqa: E731
+    banned = banned_tokens(model)
+    pick = lambda logits: sample(guard(logits, banned), cfg.temperature, cfg.top_k, cfg.top_p, gen)[0]  # noqa: E731
     tok = pick(pre.last_logits)
     out, done, forwards = [tok], tok == eos, 0
     for t in range(1, cfg.max_new_tokens):

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from echocxr.decode.common import Output, cut_at_eos, prefill, sample, text_positions
+from echocxr.decode.common import Output, banned_tokens, cut_at_eos, guard, prefill, sample, text_positions
 from echocxr.decode.onestep import BlockForward
 from echocxr.model.masks import block_causal
 from echocxr.model.vlm import EchoVLM
@@ -159,6 +159,7 @@ def generate(model: EchoVLM, batch, cfg, *, reference: bool = False, mode: str |
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     trajectory: Trajectory | None = [[] for _ in range(rows)] if cfg.record_trajectory else None
     forwards = steps_run = 0
+    banned = banned_tokens(model)
     for i in range(n_blocks):
         ids = torch.full((rows, B), mask_id, dtype=torch.long, device=device)
         ids[done] = eos
@@ -171,7 +172,7 @@ def generate(model: EchoVLM, batch, cfg, *, reference: bool = False, mode: str |
                 break
             h, first = ctx.denoise(ids)
             forwards, steps_run = forwards + 1, steps_run + 1
-            logits = logits_for_block(model, h, first)  # [rows, B, V]
+            logits = guard(logits_for_block(model, h, first), banned)  # [rows, B, V]
             tokens, conf = sample(logits, cfg.temperature, cfg.top_k, cfg.top_p, gen)
             pick = choose(conf, masked, K - s, cfg.strategy, cfg.threshold)
             ids = torch.where(pick, tokens, ids)

@@ -59,6 +59,33 @@ def prefill(model: EchoVLM, batch: Batch, max_new_tokens: int, *, extra_slots: i
     return Prefilled(cache, pos.amax(dim=(0, 2)) + 1, model.logits(h[:, -1]).float())
 
 
+def banned_tokens(model: EchoVLM, tokenizer=None) -> torch.Tensor:
+    """bool [V] on the model's device: the ids no decoder may sample or commit (issue #14 item 6).
+
+    The diffusion mask token and every special token other than EOS (pad, image and vision
+    markers from `model.special`; with a tokenizer also its declared special and added-special
+    tokens), plus, with a tokenizer, the LM-head rows past its vocabulary (ids it cannot decode).
+    The current `model.special.eos` is never banned.
+    """
+    V = model.vocab_size
+    s = model.special
+    ids = {s.mask, s.pad, s.image, s.vision_start, s.vision_end}
+    banned = torch.zeros(V, dtype=torch.bool, device=model.device)
+    if tokenizer is not None:
+        ids |= set(tokenizer.all_special_ids)
+        ids |= {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        banned[len(tokenizer) :] = True
+    ids.discard(s.eos)
+    banned[[i for i in ids if 0 <= i < V]] = True
+    return banned
+
+
+def guard(logits: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:
+    """logits [..., V] -> float logits with the banned ids at -inf, before any sampling, confidence
+    or recorded distribution (so a banned id gets probability exactly 0)."""
+    return logits.float().masked_fill(banned, float("-inf"))
+
+
 def text_positions(next_pos: torch.Tensor, offset: int, n: int) -> torch.Tensor:
     """M-RoPE ids [3, B, n] for n text tokens starting `offset` after each row's prompt."""
     p = next_pos[:, None] + offset + torch.arange(n, device=next_pos.device)[None]

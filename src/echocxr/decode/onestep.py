@@ -23,7 +23,16 @@ import time
 
 import torch
 
-from echocxr.decode.common import Output, cut_at_eos, prefill, sample, text_positions, with_padding
+from echocxr.decode.common import (
+    Output,
+    banned_tokens,
+    cut_at_eos,
+    guard,
+    prefill,
+    sample,
+    text_positions,
+    with_padding,
+)
 from echocxr.decode.graphs import GraphStep, StaticKV, compiled_step, full_capacity
 from echocxr.model.masks import decode_block
 from echocxr.model.vlm import EchoVLM
@@ -78,6 +87,7 @@ def generate(model: EchoVLM, batch, cfg, *, mode: str | None = None) -> Output:
     cache, rows = pre.cache, batch.size
     mode = mode or ("graph" if pre.last_logits.is_cuda else "eager")
     forward = BlockForward(model, cache, pre.next_pos, B, mode)
+    banned = banned_tokens(model)
     gen = None
     if cfg.temperature > 0:
         gen = torch.Generator(device=pre.last_logits.device).manual_seed(cfg.seed)
@@ -94,7 +104,11 @@ def generate(model: EchoVLM, batch, cfg, *, mode: str | None = None) -> Output:
             h = forward(masked, i * B)
         forwards += 1
         tokens, _ = sample(
-            logits_for_block(model, h, first, AR_SHIFT), cfg.temperature, cfg.top_k, cfg.top_p, gen
+            guard(logits_for_block(model, h, first, AR_SHIFT), banned),
+            cfg.temperature,
+            cfg.top_k,
+            cfg.top_p,
+            gen,
         )
         tokens = torch.where(done[:, None], eos, tokens)
         out[:, i * B : (i + 1) * B] = tokens
