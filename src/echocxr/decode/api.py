@@ -13,9 +13,9 @@ import importlib
 from dataclasses import dataclass
 
 from echocxr.errors import UserError
+from echocxr.model.denoise import STRATEGIES
 
 DECODERS = {"ar": "echocxr.decode.ar", "block": "echocxr.decode.block", "onestep": "echocxr.decode.onestep"}
-STRATEGIES = ("confidence_dynamic", "confidence_static", "sequential")
 
 
 @dataclass(frozen=True)

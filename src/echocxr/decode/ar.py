@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from echocxr.decode.common import Output, cut_at_eos, prefill, sample, text_positions, with_padding
+from echocxr.decode.common import Output, cut_at_eos, prefill, sample, text_positions
 from echocxr.decode.graphs import GraphStep, StaticKV, compiled_step, full_capacity
-from echocxr.model.masks import decode_causal
+from echocxr.model.layout import decode_mask
 from echocxr.model.vlm import EchoVLM
 
 MODES = ("eager", "static", "graph", "compile")
@@ -39,7 +39,7 @@ class TokenStep:
     def __call__(self, tok: torch.Tensor, offset: int) -> torch.Tensor:
         cache = self.cache
         pos = text_positions(self.next_pos, offset, 1)  # [3, B, 1]
-        mask = with_padding(cache, decode_causal(cache.length, 1, tok.device))  # [B, 1, 1, length+1]
+        mask = decode_mask(cache.key_valid, cache.length, 1)  # [B, 1, 1, length+1]
         if self.mode == "eager":
             return self.model.logits(self.model(self.model.embed(tok[:, None]), pos, mask, cache=cache))[
                 :, -1

@@ -9,7 +9,7 @@ the previous step) in front of it, with `masks.decode_block(cached, 2B, B)`: blo
 to the cache and itself, so its keys are exactly those of the vanilla commit forward, and block i
 sees it as clean context. One forward per block: N forwards, the same FLOPs, half the launches.
 
-Token shift (`train.rad.AR_SHIFT`, the rule RAD trains with): token j is predicted from slot j-1,
+Token shift (`model.layout.AR_SHIFT`, the rule RAD trains with): token j is predicted from slot j-1,
 so the first token of block i is read from the last hidden state of block i-1, which both the
 vanilla commit forward and the fused forward compute; for block 0 it is the prefill's last logits.
 
@@ -23,11 +23,10 @@ import time
 
 import torch
 
-from echocxr.decode.common import Output, cut_at_eos, prefill, sample, text_positions, with_padding
+from echocxr.decode.common import Output, cut_at_eos, prefill, sample, text_positions
 from echocxr.decode.graphs import GraphStep, StaticKV, compiled_step, full_capacity
-from echocxr.model.masks import decode_block
+from echocxr.model.layout import AR_SHIFT, decode_mask, logits_for_block  # one shift rule for all
 from echocxr.model.vlm import EchoVLM
-from echocxr.train.rad import AR_SHIFT, logits_for_block  # one shift rule for training and decoding
 
 
 class BlockForward:
@@ -54,7 +53,7 @@ class BlockForward:
     def __call__(self, ids: torch.Tensor, offset: int) -> torch.Tensor:
         cache, Q = self.cache, ids.shape[1]
         pos = text_positions(self.next_pos, offset, Q)
-        mask = with_padding(cache, decode_block(cache.length, Q, self.block, ids.device))
+        mask = decode_mask(cache.key_valid, cache.length, Q, self.block)
         if self.mode == "eager":
             return self.model(self.model.embed(ids), pos, mask, cache=cache)
         start = torch.tensor([cache.length], device=ids.device)
