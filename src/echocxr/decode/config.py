@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from echocxr.errors import UserError
+from echocxr.model.denoise import STRATEGIES  # the unmasking orders, beside the loop that uses them
 
 DECODERS = ("ar", "block", "onestep")
-STRATEGIES = ("confidence_dynamic", "confidence_static", "sequential")
 # The decoder a checkpoint of each training stage is meant for (echocxr.json "stage").
 STAGE_DECODER = {"ar": "ar", "rad": "block", "dcd": "onestep"}
 

@@ -22,6 +22,7 @@ from torch import nn
 from echocxr.errors import UserError
 from echocxr.model.config import ModelConfig
 from echocxr.model.kvcache import KVCache
+from echocxr.model.layout import check_checkpoint, checkpoint_fields
 
 ECHO_CONFIG = "echocxr.json"  # our config beside the HF files: preset fields, stage, block size
 
@@ -282,7 +283,8 @@ class EchoVLM(nn.Module):
     def save_pretrained(
         self, out_dir: str | os.PathLike, tokenizer=None, processor=None, extra: dict | None = None
     ):
-        """HF layout (safetensors shards <= 15 MB, config, tokenizer, processor) plus echocxr.json."""
+        """HF layout (safetensors shards <= 15 MB, config, tokenizer, processor) plus echocxr.json
+        (the preset, `extra`, and the sequence layout's fields: `layout.checkpoint_fields`)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.hf.save_pretrained(out, max_shard_size="15MB", safe_serialization=True)
@@ -290,14 +292,23 @@ class EchoVLM(nn.Module):
             tokenizer.save_pretrained(out)
         if processor is not None:
             processor.save_pretrained(out)
-        meta = {"model": self.config.to_dict() if self.config else None, **(extra or {})}
+        meta = {
+            "model": self.config.to_dict() if self.config else None,
+            **(extra or {}),
+            **checkpoint_fields(),
+        }
         tmp = out / (ECHO_CONFIG + ".tmp")
         tmp.write_text(json.dumps(meta, indent=2))
         os.replace(tmp, out / ECHO_CONFIG)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype=None, device="cpu"):
-        """Load a local checkpoint directory in HF layout. Returns (model, tokenizer, processor, meta)."""
+        """Load a local checkpoint directory in HF layout. Returns (model, tokenizer, processor, meta).
+
+        With echocxr.json, its token shift must be the one this code reads logits with
+        (`layout.check_checkpoint`; UserError otherwise). A folder without it is a plain Qwen2.5-VL
+        checkpoint (e.g. Lingshu-7B): a causal LM whose head predicts the next token, which is
+        the shift by definition."""
         from transformers import AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
         from echocxr.model.image_processing import load_image_processor
@@ -312,6 +323,13 @@ class EchoVLM(nn.Module):
             raise UserError(f"{path}/config.json: cannot read the config ({e})") from None
         if hf_cfg.model_type != "qwen2_5_vl":
             raise UserError(f"{path}: architecture {hf_cfg.model_type!r} is not supported; need qwen2_5_vl")
+        meta = {}
+        if (path / ECHO_CONFIG).is_file():
+            try:
+                meta = json.loads((path / ECHO_CONFIG).read_text())
+            except ValueError as e:
+                raise UserError(f"{path / ECHO_CONFIG}: not valid JSON ({e})") from None
+            check_checkpoint(meta, path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         added = ensure_mask_token(tokenizer)
         hf_cfg._attn_implementation = "sdpa"
@@ -323,9 +341,6 @@ class EchoVLM(nn.Module):
             raise UserError(f"{path}: cannot load the weights ({e})") from None
         if added or hf.get_input_embeddings().num_embeddings < len(tokenizer):
             hf.resize_token_embeddings(len(tokenizer))
-        meta = {}
-        if (path / ECHO_CONFIG).is_file():
-            meta = json.loads((path / ECHO_CONFIG).read_text())
         cfg = ModelConfig.from_dict(meta["model"]) if meta.get("model") else None
         model = cls(hf.to(device), special_ids(tokenizer), cfg)
         processor = load_image_processor(path, cfg)

@@ -4,7 +4,8 @@ A one-step decoder predicts every position of a block independently from one for
 which degrades text. DCD distils the multi-step teacher's confidence-ordered trajectory into it:
 
 Phase 1 (trajectories). The teacher (a RAD checkpoint) decodes distillation studies block by block
-with `decode.block` (confidence-ordered unmasking, `record_trajectory=True`). For every response
+with the block decoder's loop (`model.denoise.denoise_blocks`, confidence-ordered unmasking,
+recording the trajectory). For every response
 position we keep the token it committed, the step s (0..K-1) at which it was committed, and the
 teacher's distribution at that step as top-k probabilities plus the residual mass r outside them.
 Rollouts that fall into a repetition loop are discarded (`repetition_loop`).
@@ -30,13 +31,14 @@ teacher).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from echocxr.model import denoise
+from echocxr.model.layout import AR_SHIFT, checkpoint_fields, rad_student_logits
 from echocxr.model.vlm import EchoVLM
-from echocxr.train.rad import AR_SHIFT, rad_inputs, response_logit_index
 
 OBJECTIVES = ("dcd", "onestep-ft")
 KL_DIRECTIONS = ("forward", "reverse")
@@ -162,31 +164,8 @@ def topk_kl_gap(teacher_logits: torch.Tensor, student_logits: torch.Tensor, ks=(
     return out
 
 
-# -- the student in the RAD layout ---------------------------------------------------------------------
-
-
-def rad_student_logits(
-    model: EchoVLM,
-    batch,
-    clean: torch.Tensor,
-    block: int,
-    shift: bool = AR_SHIFT,
-    noisy: torch.Tensor | None = None,
-    *,
-    flex: bool = False,
-) -> torch.Tensor:
-    """One forward over RAD's layout [prefix | noisy | clean] (`train.rad.rad_inputs`, vision tower
-    frozen): logits for every response position [B, R, V]. noisy defaults to all-mask blocks, so
-    each block is predicted fully masked given the clean blocks before it: the one-step decoder's
-    view of that block (the shift rule is RAD's `response_logit_index`)."""
-    if noisy is None:
-        noisy = torch.full_like(clean, model.special.mask)
-    P, R = batch.prompt_ids.shape[1], clean.shape[1]
-    x, pos, mask = rad_inputs(
-        model, replace(batch, response_ids=clean), noisy, freeze_vision=True, block=block, flex=flex
-    )
-    h = model(x, pos, mask)
-    return model.logits(h[:, response_logit_index(P, R, block, shift).to(clean.device)])
+# -- the student in the RAD layout: `model.layout.rad_student_logits` (one forward, every block
+# fully masked given the clean blocks before it; also used by the evaluation) ------------------
 
 
 # -- repetition loops (Phase 1 filter) -----------------------------------------------------------------
@@ -235,6 +214,8 @@ class DCDConfig:
             raise UserError(f"--objective must be one of {OBJECTIVES}, not {self.objective!r}")
         if self.kl not in KL_DIRECTIONS:
             raise UserError(f"--kl must be one of {KL_DIRECTIONS}, not {self.kl!r}")
+        if self.strategy not in denoise.STRATEGIES:
+            raise UserError(f"--strategy must be one of {denoise.STRATEGIES}, not {self.strategy!r}")
         if self.refresh not in REFRESH:
             raise UserError(f"--refresh must be one of {REFRESH}, not {self.refresh!r}")
         if self.block_size < 1 or self.top_k < 1 or self.rounds < 1 or self.distill_studies < 1:
@@ -345,19 +326,7 @@ def collect_rollouts(
     """Phase 1: decode every study with the multi-step block decoder and record its trajectory.
     Rollouts caught in a repetition loop are dropped and counted."""
     from echocxr.batch import Example, collate
-    from echocxr.decode.api import DecodeConfig, generate
 
-    dc = DecodeConfig(
-        decoder="block",
-        max_new_tokens=cfg.max_new_tokens,
-        block_size=cfg.block_size,
-        steps=cfg.steps,
-        strategy=cfg.strategy,
-        threshold=cfg.threshold,
-        record_trajectory=True,
-        trajectory_top_k=cfg.top_k,
-        seed=cfg.seed,
-    )
     was_training = decoder.training
     decoder.eval()
     eos, tpi = decoder.special.eos, decoder.config.image_tokens
@@ -365,7 +334,20 @@ def collect_rollouts(
     for i in range(0, len(examples), cfg.collect_batch):
         chunk = examples[i : i + cfg.collect_batch]
         prompts = [Example(ex.images, ex.language, None, ex.record_id) for ex in chunk]
-        out = generate(decoder, collate(prompts, tokenizer, processor, tpi).to(decoder.device), dc)
+        batch = collate(prompts, tokenizer, processor, tpi).to(decoder.device)
+        n_tokens = -(-cfg.max_new_tokens // cfg.block_size) * cfg.block_size
+        out = denoise.denoise_blocks(
+            decoder,
+            denoise.CachedContext(decoder, batch, n_tokens, cfg.block_size),
+            batch.size,
+            block=cfg.block_size,
+            steps=cfg.steps,
+            max_new_tokens=cfg.max_new_tokens,
+            strategy=cfg.strategy,
+            threshold=cfg.threshold,
+            seed=cfg.seed,
+            record_top_k=cfg.top_k,
+        )
         for j, tokens, traj in zip(range(i, i + len(chunk)), out.tokens, out.trajectory, strict=True):
             body = tokens[:-1] if tokens and tokens[-1] == eos else tokens
             if repetition_loop(body):
@@ -423,7 +405,7 @@ class DCDStage:
         return {
             "stage": "dcd",
             "block_size": self.cfg.block_size,
-            "ar_shift": AR_SHIFT,
+            **checkpoint_fields(),
             "dcd": asdict(self.cfg),
             "dcd_rounds": self.collect_stats,
         }
