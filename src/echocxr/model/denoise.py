@@ -143,7 +143,7 @@ def cut_at_eos(rows: torch.Tensor, eos: int) -> list[list[int]]:
 
 class EagerBlockForward:
     """forward(ids [rows, Q], offset) -> hidden [rows, Q, D]: whole blocks placed after the committed
-    cache slots, attending to the used slots only (`decode.onestep.BlockForward` adds static-shape
+    cache slots, attending to the used slots only (`decode.engine.Step` adds static-shape
     and CUDA-graph modes that agree with it)."""
 
     def __init__(self, model, cache: KVCache, next_pos: torch.Tensor, block: int):
