@@ -174,6 +174,7 @@ class Engine:
     tokenizer the guard bans only `model.special`'s ids other than EOS). `from_checkpoint` loads
     a checkpoint and builds its default DecodeConfig (`DecodeConfig.from_checkpoint`).
     mode: the step mode (`Step.MODES`); default "graph" on CUDA, "eager" elsewhere.
+    Not thread-safe: one `generate` at a time (the calls share the cache buffers).
     """
 
     def __init__(
@@ -188,7 +189,7 @@ class Engine:
         mode: str | None = None,
     ):
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device)  # its train/eval mode is the caller's (from_checkpoint: eval)
         self.cfg = cfg or DecodeConfig()
         self.tokenizer, self.processor, self.meta = tokenizer, processor, meta or {}
         self.mode = mode or ("graph" if self.device.type == "cuda" else "eager")
@@ -208,6 +209,7 @@ class Engine:
         from echocxr.model.vlm import EchoVLM
 
         model, tokenizer, processor, meta = EchoVLM.from_pretrained(path, device=device)
+        model.eval()
         if model.config is None:  # the prompt's image-token count comes from the preset
             raise UserError(f"{path}: no echocxr.json with the model preset (save it with echocxr train)")
         cfg = DecodeConfig.from_checkpoint(meta, model.config, **overrides)
