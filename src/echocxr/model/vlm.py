@@ -340,13 +340,20 @@ class EchoVLM(nn.Module):
         return cls(hf.to(dtype), special, cfg)
 
     def save_pretrained(
-        self, out_dir: str | os.PathLike, tokenizer=None, processor=None, extra: dict | None = None
+        self,
+        out_dir: str | os.PathLike,
+        tokenizer=None,
+        processor=None,
+        extra: dict | None = None,
+        state_dict: dict | None = None,
     ):
         """HF layout (safetensors shards <= 15 MB, config, tokenizer, processor) plus echocxr.json
-        (the preset, `extra`, and the sequence layout's fields: `layout.checkpoint_fields`)."""
+        (the preset, `extra`, and the sequence layout's fields: `layout.checkpoint_fields`).
+        state_dict: the weights to write instead of this module's, under `self.hf`'s names (a
+        sharded model's gathered full weights)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.hf.save_pretrained(out, max_shard_size="15MB", safe_serialization=True)
+        self.hf.save_pretrained(out, max_shard_size="15MB", safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
         if processor is not None:
