@@ -28,7 +28,7 @@ def test_smoke_writes_every_section(tmp_path):
     rad = sec["rad_vs_symmetric"]
     assert (rad["V"], rad["R"]) == (64, 32) and rad["time_ratio"] > 0 and rad["flop_ratio_dense"] > 1
     fsdp = sec["fsdp_smoke"]
-    assert fsdp["finite"] and len(fsdp["losses"]) == 2 and "fully_shard" in fsdp["what"]
+    assert fsdp["finite"] and len(fsdp["losses"]) == 1 and "apply_fsdp" in fsdp["what"]
 
 
 def test_a_failing_section_leaves_the_others_and_says_why(tmp_path, monkeypatch):

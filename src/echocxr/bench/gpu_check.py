@@ -13,11 +13,10 @@ is rewritten after every section, so a failure or a kill leaves the finished one
 - `engine_onestep`: our one-step decoder, fused block KV cache, block 8, batch 1, 8 and 32.
 - `rad_vs_symmetric`: `echocxr bench rad` at V = 1000, R = 300 with FlexAttention on the 7B shape:
   the measured symmetric/RAD step-time ratio against the analytic FLOP ratio.
-- `fsdp_smoke`: one process, `torch.distributed.fsdp.fully_shard` over the whole model as one FSDP
-  group (bf16 parameters, fp32 reduction on CUDA), a few decoder layers of the 7B width, one
-  AdamW step. It is labelled as such in the JSON: per-layer sharding needs the per-layer decoder
-  modules of issue #15 item 2 (EchoVLM calls each layer's submodules directly, so hooks on a layer
-  would never fire), and `echocxr train --fsdp` was not on this branch.
+- `fsdp_smoke`: `echocxr train --fsdp`'s sharding (`train.loop.apply_fsdp`: `fully_shard` per
+  decoder layer, the vision tower and the root; bf16 parameters, fp32 reduction on CUDA) in one
+  process, the Stage-1 AR loss on two studies, 4 decoder layers of the 7B width (a whole 7B with
+  AdamW states would not fit one GPU unsharded), two AdamW steps (one in --smoke).
 
 `--smoke` runs the same sections with the `tiny` preset on the CPU (16 new tokens, batches 1 and 2,
 V = 64, R = 32, dense attention, gloo): CI checks the JSON fields (tests/test_gpu_check.py). It
@@ -30,6 +29,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import signal
 import tempfile
@@ -55,6 +55,7 @@ class Plan:
     rad_attention: str
     rad_steps: int
     fsdp_layers: int
+    fsdp_steps: int
     limits: dict
 
 
@@ -69,6 +70,7 @@ GPU = Plan(
     rad_attention="flex",
     rad_steps=3,
     fsdp_layers=4,
+    fsdp_steps=2,  # the second step's time is without first-call set-up
     limits={
         "decode_model": 50,
         "hf_generate": 50,
@@ -89,6 +91,7 @@ SMOKE = Plan(
     rad_attention="dense",
     rad_steps=1,
     fsdp_layers=2,
+    fsdp_steps=1,
     limits=dict.fromkeys(SECTIONS, 120),
 )
 
@@ -359,54 +362,50 @@ class Check:
     def fsdp_smoke(self) -> dict:
         import torch
         import torch.distributed as dist
-        import torch.nn.functional as F
         from torch import nn
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        from echocxr.bench.decode import _build_on
+        from echocxr.batch import Example, collate
+        from echocxr.bench.decode import SMOKE_TEXTS, _build_on, _images
         from echocxr.model.config import get_preset
+        from echocxr.model.image_processing import make_image_processor
         from echocxr.model.tokenizer import train_bpe
         from echocxr.model.vlm import EchoVLM
+        from echocxr.train.ar import ARStage
+        from echocxr.train.loop import apply_fsdp
 
         self.free_decode_model()
         cuda = self.plan.device == "cuda"
         cfg = get_preset(self.plan.preset, num_layers=self.plan.fsdp_layers)
-        tok = train_bpe(["Findings: no effusion. Impression: normal."] * 4, 300)
+        tok = train_bpe(SMOKE_TEXTS, 300)
         with _build_on(self.plan.device, torch.float32):  # fp32 master weights
             model = EchoVLM.from_config(cfg, tok, seed=0)
+        stage = ARStage()
 
-        class LossStep(nn.Module):
-            """The whole step inside one forward, so FSDP's root hooks cover every parameter use."""
+        class StageLoss(nn.Module):
+            """The stage's loss as the root module's forward (what `echocxr train` shards)."""
 
             def __init__(self, m):
                 super().__init__()
                 self.m = m
 
-            def forward(self, ids):
-                S = ids.shape[1]
-                pos = torch.arange(S, device=ids.device)[None, None].expand(3, ids.shape[0], S)
-                h = self.m(self.m.embed(ids[:, :-1]), pos[..., :-1])
-                return F.cross_entropy(self.m.logits(h).float().flatten(0, 1), ids[:, 1:].flatten())
+            def forward(self, batch):
+                return stage.loss(self.m, batch, 0)[0]
 
+        examples = [Example(_images(1, cfg.image_size, i), "en", SMOKE_TEXTS[i]) for i in range(2)]
+        batch = collate(examples, tok, make_image_processor(cfg.image_size), cfg.image_tokens)
+        batch = batch.to(self.plan.device)
         with tempfile.TemporaryDirectory() as tmp:
             dist.init_process_group(
                 "nccl" if cuda else "gloo", init_method=f"file://{tmp}/store", rank=0, world_size=1
             )
             try:
-                step = LossStep(model)
-                mp = (
-                    MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-                    if cuda
-                    else None
-                )
-                fully_shard(step, **({"mp_policy": mp} if mp else {}))
-                opt = torch.optim.AdamW(step.parameters(), lr=1e-5)
-                g = torch.Generator(device=self.plan.device).manual_seed(0)
-                ids = torch.randint(len(tok), (2, 257), device=self.plan.device, generator=g)
+                runner = StageLoss(model)
+                apply_fsdp(runner, model, torch.device(self.plan.device))  # echocxr train --fsdp's
+                opt = torch.optim.AdamW(runner.parameters(), lr=1e-5)
                 losses, times = [], []
-                for _ in range(2):
+                for _ in range(self.plan.fsdp_steps):
                     t0 = time.perf_counter()
-                    loss = step(ids)
+                    loss = runner(batch)
                     loss.backward()
                     opt.step()
                     opt.zero_grad(set_to_none=True)
@@ -418,15 +417,15 @@ class Check:
                 dist.destroy_process_group()
         return {
             "what": (
-                "one process, fully_shard over the whole model as one FSDP group "
-                f"({cfg.num_layers} decoder layers of the {self.plan.preset} width), "
+                "train.loop.apply_fsdp (echocxr train --fsdp's fully_shard per decoder layer, vision "
+                f"tower and root) in one process, Stage-1 AR loss, {cfg.num_layers} decoder layers of "
+                f"the {self.plan.preset} width, 2 studies with one {cfg.image_size} px image, "
                 + ("bf16 params / fp32 reduce" if cuda else "fp32 on CPU (gloo)")
-                + ", AdamW; not per-layer sharding and not `echocxr train --fsdp`"
+                + f", AdamW, {self.plan.fsdp_steps} step(s)"
             ),
             "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
-            "tokens_per_step": int(ids[:, 1:].numel()),
             "losses": [round(x, 4) for x in losses],
-            "finite": all(x == x and abs(x) != float("inf") for x in losses),
+            "finite": all(math.isfinite(x) for x in losses),
             "step_s": [round(t, 3) for t in times],
             "peak_mem_mb": _peak_mb(self.plan.device),
         }
