@@ -284,45 +284,45 @@ class Loaded:
     block_size: int
     max_new_tokens: int
     views: tuple[str, ...]
+    engine: object = None  # echocxr.decode.engine.Engine, reused across batches
 
 
 def load_checkpoint(cfg: EvalConfig) -> Loaded:
-    from echocxr.model.vlm import EchoVLM
+    from echocxr.decode.engine import Engine
 
-    model, tokenizer, processor, meta = EchoVLM.from_pretrained(cfg.ckpt, device=cfg.device)
-    model.eval()
-    mcfg = model.config
-    if mcfg is None:
-        raise UserError(f"{cfg.ckpt}: no echocxr.json with the model preset; cannot size images")
-    views = cfg.views or tuple(meta.get("views") or ("frontal",))
-    block = cfg.block_size or int(meta.get("block_size") or 8)
-    return Loaded(
-        model,
-        tokenizer,
-        processor,
-        meta,
-        mcfg.image_tokens,
-        mcfg.image_size,
-        block,
-        cfg.max_new_tokens or mcfg.max_response_tokens,
-        views,
-    )
-
-
-def decode_config(cfg: EvalConfig, loaded: Loaded):
-    from echocxr.decode.api import DecodeConfig
-
-    return DecodeConfig(
+    # One engine for every batch of this eval; its DecodeConfig comes from the checkpoint's
+    # metadata (DecodeConfig.from_checkpoint) with this eval's settings on top.
+    engine = Engine.from_checkpoint(
+        cfg.ckpt,
+        device=cfg.device,
         decoder=cfg.decoder,
-        max_new_tokens=loaded.max_new_tokens,
-        block_size=loaded.block_size,
-        steps=cfg.steps or loaded.block_size,
+        max_new_tokens=cfg.max_new_tokens,
+        block_size=cfg.block_size,
+        steps=cfg.steps,
         strategy=cfg.strategy,
         threshold=cfg.threshold,
         fused=cfg.fused,
         record_trajectory=cfg.record_trajectory,
         seed=cfg.seed,
     )
+    mcfg, meta, dcfg = engine.model.config, engine.meta, engine.cfg
+    views = cfg.views or tuple(meta.get("views") or ("frontal",))
+    return Loaded(
+        engine.model,
+        engine.tokenizer,
+        engine.processor,
+        meta,
+        mcfg.image_tokens,
+        mcfg.image_size,
+        dcfg.block_size,
+        dcfg.max_new_tokens,
+        views,
+        engine,
+    )
+
+
+def decode_config(cfg: EvalConfig, loaded: Loaded):
+    return loaded.engine.cfg
 
 
 def _jsonable(value):
@@ -360,7 +360,6 @@ def decode_batch(records, loaded: Loaded, cfg: EvalConfig, dcfg, root: Path, don
     import torch
 
     from echocxr.batch import Example, collate
-    from echocxr.decode.api import generate
 
     examples, sources, image_from = [], [], []
     for r in records:
@@ -381,7 +380,7 @@ def decode_batch(records, loaded: Loaded, cfg: EvalConfig, dcfg, root: Path, don
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = generate(loaded.model, batch, dcfg)
+        out = loaded.engine.generate(batch, dcfg)
     if cfg.device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -390,7 +389,7 @@ def decode_batch(records, loaded: Loaded, cfg: EvalConfig, dcfg, root: Path, don
     longest = max(len(t) for t in out.tokens)
     rows = []
     for b, (r, toks) in enumerate(zip(records, out.tokens)):
-        hyp = loaded.tokenizer.decode([t for t in toks if t != eos], skip_special_tokens=True).strip()
+        hyp = loaded.engine.text(toks).strip()
         row = {
             "record_id": r.record_id,
             "study_id": r.study_id,
@@ -461,7 +460,7 @@ def eos_confidence(model, batch, block: int) -> dict[str, list[float]]:
 
     One forward in the RAD layout [prompt | noisy (all <|mask|>) | clean reference]: noisy block i
     sees the prompt, clean blocks < i and itself, and each token is read from the slot the decoders
-    read it from (the token shift of `train.rad.AR_SHIFT`; `train.dcd.rad_student_logits`).
+    read it from (the token shift of `model.layout.AR_SHIFT`; `model.layout.rad_student_logits`).
     Confidence = the probability given to the reference token. Positions up to the end of the
     block holding each row's first EOS count; "eos" collects that first EOS and the EOS padding
     after it in its block (what the decoder must emit there), "content" every earlier token.
@@ -469,8 +468,7 @@ def eos_confidence(model, batch, block: int) -> dict[str, list[float]]:
     """
     import torch
 
-    from echocxr.train.dcd import rad_student_logits
-    from echocxr.train.rad import AR_SHIFT
+    from echocxr.model.layout import AR_SHIFT, rad_student_logits
 
     R = batch.response_ids.shape[1]
     if R % block:
