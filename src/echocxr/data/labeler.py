@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from echocxr.data.observations import Finding, Findings
 
@@ -65,7 +66,7 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         r"opacit(?:y|ies)",
         r"opacification",
         r"densit(?:y|ies)",
-        r"(?:airspace|interstitial) (?:markings|prominence)",
+        r"airspace (?:markings|prominence)",
         r"haziness|hazy",
     ),
     "lung_lesion": (
@@ -615,30 +616,44 @@ def mentions(text: str) -> list[Mention]:
     """
     found: list[Mention] = []
     for sent in sentences(clean(text)):
-        for clause in clauses(sent):
-            blanked = _NOT_MENTION_RE.sub(lambda m: " " * len(m.group()), clause)
-            # the benign cause is searched in the unblanked clause: "nipple shadow" is blanked
-            # as a mention look-alike but names the cause (blanking keeps the length)
-            cut, explanation = _explanation(clause)
-            for obs, rx in _MENTION_RE.items():
-                if obs in _CONTEXT_RE and not _CONTEXT_RE[obs].search(sent):
-                    continue
-                for m in rx.finditer(blanked):
-                    if m.end() <= cut:
-                        if explanation and explained_away(obs, explanation):
-                            continue
-                        st = _status(clause[:cut], m.start(), m.end())
-                    else:
-                        st = _status(clause, m.start(), m.end())
-                    found.append(Mention(obs, st, clause, m.start(), m.end()))
-        for obs, rx in _NORMAL_RE.items():
-            for m in rx.finditer(sent):
-                found.append(Mention(obs, "negative", sent, m.start(), m.end()))
+        found.extend(_sentence_mentions(sent))
     return found
 
 
+# Reports reuse template sentences, so a sentence's mentions are cached (a pure function of it).
+@lru_cache(maxsize=1 << 16)
+def _sentence_mentions(sent: str) -> tuple[Mention, ...]:
+    found: list[Mention] = []
+    for clause in clauses(sent):
+        blanked = _NOT_MENTION_RE.sub(lambda m: " " * len(m.group()), clause)
+        # the benign cause is searched in the unblanked clause: "nipple shadow" is blanked
+        # as a mention look-alike but names the cause (blanking keeps the length)
+        cut, explanation = _explanation(clause)
+        for obs, rx in _MENTION_RE.items():
+            if obs in _CONTEXT_RE and not _CONTEXT_RE[obs].search(sent):
+                continue
+            for m in rx.finditer(blanked):
+                if m.end() <= cut:
+                    if explanation and explained_away(obs, explanation):
+                        continue
+                    st = _status(clause[:cut], m.start(), m.end())
+                else:
+                    st = _status(clause, m.start(), m.end())
+                found.append(Mention(obs, st, clause, m.start(), m.end()))
+    for obs, rx in _NORMAL_RE.items():
+        for m in rx.finditer(sent):
+            found.append(Mention(obs, "negative", sent, m.start(), m.end()))
+    return tuple(found)
+
+
 def says_normal(text: str) -> bool:
-    return any(_NORMAL_STUDY_RE.search(s) for s in sentences(clean(text)))
+    """True when a sentence of `text` says the whole study is normal (`NORMAL_STUDY`)."""
+    return any(_sentence_says_normal(s) for s in sentences(clean(text)))
+
+
+@lru_cache(maxsize=1 << 16)
+def _sentence_says_normal(sent: str) -> bool:
+    return bool(_NORMAL_STUDY_RE.search(sent))
 
 
 def laterality(text: str) -> str | None:
