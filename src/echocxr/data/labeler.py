@@ -70,8 +70,9 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         r"haziness|hazy",
     ),
     "lung_lesion": (
+        # "nodular opacity/density" is an opacity (the IU coders write Opacity/round), not a nodule
         r"nodules?",
-        r"nodular",
+        r"fibronodular",
         r"(?<!soft tissue )mass(?:es)?\b",
         r"(?:pulmonary |lung )?lesions?",
         r"neoplasm|tumou?r|malignan\w+|metasta\w+|carcinoma",
@@ -359,8 +360,7 @@ UNCERTAIN = (
     r"\bmay\b",
     r"\bmight\b",
     r"\bcould\b",
-    r"\bpossib\w+",
-    r"\bprobable\b",  # "probable X" hedges X; "probably represents" reads like "likely" (positive)
+    r"\b(?:is|are|be|remains?) (?:also |still )?possible\b",
     r"\bpotential\w*",
     r"cannot (?:be )?(?:entirely |completely |definitely |definitively )?(?:exclude\w*|rule\w* out|"
     r"excluded|ruled out|eliminated)",
@@ -383,7 +383,15 @@ UNCERTAIN = (
     r"\bunclear\b",
     r"\bpresumed\b",
     r"(?:cannot|can not) be (?:assessed|evaluated)",
+    r"\b(?:evaluat\w*|assess\w*|look\w*|search\w*) for\b",
     r"obscur\w+",
+)
+# Hedges for the words after them only (ConText's forward-scoped "possible", Harkema et al.
+# 2009): "right paratracheal mass, possibly lymphadenopathy" hedges the lymphadenopathy, not the
+# mass. "probable X" hedges X; "probably represents" reads like "likely" (positive).
+FWD_UNCERTAIN = (
+    r"\bpossib\w+",
+    r"\bprobable\b",
 )
 # Words that end a negation scope inside a sentence.
 _SCOPE_BREAK = re.compile(
@@ -515,6 +523,7 @@ _PSEUDO_NEG_RE = _compile(PSEUDO_NEG)
 # A post-negation may follow the mention after a few words ("tube and NG tube have been removed").
 _POST_NEG_RE = re.compile(r"^\s*(?:[\w/-]+ ){0,4}?(?:" + "|".join(f"(?:{p})" for p in POST_NEG) + ")")
 _UNCERTAIN_RE = _compile(UNCERTAIN)
+_FWD_UNCERTAIN_RE = _compile(FWD_UNCERTAIN)
 _SEVERITY_RE = [(re.compile(p), s) for p, s in _SEVERITY]
 _ZONE_RE = [(re.compile(p), z) for p, z in _ZONES]
 _SUBTYPE_RE = {o: [(re.compile(p), s) for p, s in t] for o, t in _SUBTYPES.items()}
@@ -586,7 +595,7 @@ def _status(clause: str, start: int, end: int) -> str:
     inside = re.search(r"\b(?:not|no|without)\b", masked[start:end])  # "heart is not enlarged"
     if inside or _negated_before(masked, start) or _POST_NEG_RE.match(tail):
         return "negative"
-    if _UNCERTAIN_RE.search(clause):
+    if _UNCERTAIN_RE.search(clause) or _FWD_UNCERTAIN_RE.search(clause[:start]):
         return "uncertain"
     return "positive"
 
