@@ -86,6 +86,10 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         r"kerley",
         r"heart failure|volume overload",
         r"venous (?:engorgement|hypertension)",
+        # prominent central vessels: the IU coders write Pulmonary Congestion
+        r"(?:central|pulmonary|lung) (?:\w+ )?vascula\w* (?:(?:is|are|appears?|remains?) )?(?:\w+ )?"
+        r"(?:prominen\w*|engorge\w*|accentuat\w*|increased)|"
+        r"(?:prominen\w*|engorge\w*|accentuat\w*|increased) (?:of )?(?:the )?(?:\w+ ){0,2}(?:vascula\w*|vessels)",
     ),
     "consolidation": (
         r"consolidat\w*",
@@ -129,6 +133,8 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         # "line" only in device context (item 10 of issue 14): not lung, septal, Kerley, pleural,
         # fissure or suture lines.
         _DEVICE_LINE,
+        # de-identified catheters: "left chest XXXX with tip in the SVC", "XXXX-a-XXXX" (port-a-cath)
+        r"\btip\b(?: [\w-]+){0,6}? (?:svc|cavoatrial|caval ?atrial|superior vena|right atri\w+)|xxxx-a-xxxx",
         r"\bstents?\b|stimulator|loop recorder|\bleads?\b|medical device|"
         r"shunt tubing|gastrostomy|nephrostomy|\btips\b|closure device|support devices?",
     ),
@@ -247,6 +253,9 @@ _NOT_MENTIONS: tuple[str, ...] = (
     # a broken device part is not a bone fracture (only the word "fracture" is blanked)
     r"fractur\w*(?= (?:\w+ ){0,3}(?:leads?|wires?|xxxx))|(?<=lead )fractur\w*|(?<=wire )fractur\w*",
     r"skin (?:lines?|folds?)",
+    # external monitoring leads lie on the skin: no device in the patient
+    r"(?:(?:external|cardiac|ekg|ecg|telemetry) )?(?:monitor\w*|ekg|ecg|telemetry) (?:\w+ )?leads?|"
+    r"(?:overlying|external) (?:\w+ )?leads?",
 )
 
 # Whole phrases that deny an observation without a negation word.
@@ -352,6 +361,7 @@ POST_NEG = (
     r"(?:is|are|has|have|been) (?:\w+ )?excluded",
     r"(?:is|are) not (?:enlarged|widened|increased)",
     r"(?:is|are) (?:\w+ )?(?:normal|within normal)",
+    r"(?:appears?|is|are) (?:\w+ )?within (?:the )?(?:limits of normal|normal limits)",
     r"(?:is|are|was|were|seems?|appears?|felt|thought|considered|be|felt to be|thought to be)? ?"
     r"(?:very |much |considered |felt |thought )?(?:unlikely|improbable|doubtful|not likely|less likely|"
     r"not favou?red|not suspected)(?=\s*$|\s*,|\s(?:and|but|as|since|because|given|in|on|at)\b)",
@@ -377,7 +387,6 @@ UNCERTAIN = (
     r"indeterminate",
     r"\bor\b (?:early |developing |superimposed )?(?:pneumonia|infection|atelectasis|"
     r"consolidation|scar\w*|edema|effusion)",
-    r"differential",
     r"not (?:entirely )?(?:certain|sure|clear)",
     r"\buncertain\b",
     r"\bunclear\b",
@@ -392,6 +401,7 @@ UNCERTAIN = (
 FWD_UNCERTAIN = (
     r"\bpossib\w+",
     r"\bprobable\b",
+    r"differential",  # "most suggestive of edema, differential includes infection"
 )
 # Words that end a negation scope inside a sentence.
 _SCOPE_BREAK = re.compile(
@@ -446,7 +456,7 @@ _SUBTYPES: dict[str, tuple[tuple[str, str], ...]] = {
         (r"endotracheal|\bet tube|\bett\b|tracheostomy", "endotracheal_tube"),
         (r"nasogastric|orogastric|feeding|enteric|\bng\b|\bog\b|dobhoff|gastric tube", "ng_tube"),
         (r"chest tube|pleural (?:drain|catheter)|thoracostomy", "chest_tube"),
-        (r"picc|central|venous|port|swan|catheter|line", "central_line"),
+        (r"picc|central|venous|port|swan|catheter|line|svc|cavoatrial|caval|xxxx-a-xxxx", "central_line"),
     ),
     "fracture": (
         (r"\bribs?\b", "rib"),
@@ -455,7 +465,7 @@ _SUBTYPES: dict[str, tuple[tuple[str, str], ...]] = {
     ),
     "edema": (
         (r"edema|chf|failure|kerley", "edema"),
-        (r"congestion|cephali|engorge|redistribution", "vascular_congestion"),
+        (r"congestion|cephali|engorge|redistribution|vascula|vessel", "vascular_congestion"),
     ),
     "aortic_abnormality": (
         (r"tortu|ectat|ectasia|unfold", "tortuous"),
