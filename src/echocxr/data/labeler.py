@@ -93,7 +93,8 @@ MENTIONS: dict[str, tuple[str, ...]] = {
     ),
     "consolidation": (
         r"consolidat\w*",
-        r"air ?space (?:disease|opacit\w+|process|consolidation)",
+        # "airspace opacity" is an opacity (the IU coders write Opacity, not Airspace Disease)
+        r"air ?space (?:disease|process|consolidation)",
         r"infiltrat\w*",
     ),
     "pneumonia": (
@@ -120,6 +121,7 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         r"(?:apical|pleural) (?:cap|capping)",
         r"fibrothorax",
         r"pleural[- ]parenchymal scarring",
+        r"fissur\w* thickening|thickening of the (?:\w+ )?fissures?|thickened (?:\w+ )?fissures?",
     ),
     "fracture": (r"fractur\w*", r"\bfx\b"),
     "support_devices": (
@@ -333,6 +335,7 @@ PRE_NEG = (
     r"negative for",
     r"free of",
     r"clear of",
+    r"\bclear(?= (?:focal |acute )?(?:air ?space|consolidation|infiltrat))",  # "lungs are clear airspace disease"
     r"absence of",
     r"resolution of",
     r"resolved",
