@@ -253,7 +253,8 @@ _NOT_MENTIONS: tuple[str, ...] = (
     r"tortuosity of the (?:\w+ )?(?:trachea|vessels?|brachiocephalic|great vessels)",
     r"bony lesions?",
     # a broken device part is not a bone fracture (only the word "fracture" is blanked)
-    r"fractur\w*(?= (?:\w+ ){0,3}(?:leads?|wires?|xxxx))|(?<=lead )fractur\w*|(?<=wire )fractur\w*",
+    r"fractur\w*(?= (?:\w+ ){0,3}(?:leads?|wires?|xxxx|screws?|catheters?|hardware|plates?|rods?))|"
+    r"(?:catheter|screw|hardware|plate|rod|wire|lead)s? (?:is |are |was |were |has been )?fractur\w*",
     r"skin (?:lines?|folds?)",
     # external monitoring leads lie on the skin: no device in the patient
     r"(?:(?:external|cardiac|ekg|ecg|telemetry) )?(?:monitor\w*|ekg|ecg|telemetry) (?:\w+ )?leads?|"
@@ -387,7 +388,7 @@ UNCERTAIN = (
     r"concern\w* (?:for|of)",
     r"suggest\w* (?:the )?(?:possibility|differential)",
     r"\bequivocal\b",
-    r"indeterminate",
+    r"(?<!age-)(?<!age )indeterminate",  # an "age-indeterminate fracture" is a fracture
     r"\bor\b (?:early |developing |superimposed )?(?:pneumonia|infection|atelectasis|"
     r"consolidation|scar\w*|edema|effusion)",
     r"not (?:entirely )?(?:certain|sure|clear)",
