@@ -670,6 +670,8 @@ def card_markdown(card: dict) -> str:
         f"- studies with a change: {cons['studies_with_change']} ({cons['rate']:.2%}); by kind: {cons['by_kind']}",
     ]
     lines += [f"  - {k}: {v}" for k, v in cons["by_change"].items()]
+    if not cons["items"]:
+        lines.append("- no study changed a label")
     lines += [
         f"- `{i['study_id']}` ({i['language']}): {i['observation']} {i['kind']} "
         f"({i['source']} -> {i['target']})"
