@@ -1,20 +1,25 @@
 """Rule-based labeler: report text -> `Findings` (CheXpert-14 plus the extras).
 
-Written in the spirit of the NegBio / CheXpert labelers without their parser:
+Written in the spirit of the NegBio / CheXpert labelers (Irvin et al. 2019, "CheXpert", AAAI)
+without their parser, with the trigger conventions of NegEx (Chapman et al. 2001) and ConText
+(Harkema et al. 2009). docs/LABELER.md describes every rule with examples.
 
-1. The text is cut into clauses: sentences (., ;, newline) split again at words that end a negation
-   scope ("but", "however", "although", ...).
+1. The text is cut into sentences (., ;, newline) and clauses at words that end a scope ("but",
+   "however", "although", "which", ...; ConText's terminators).
 2. Mentions: each observation has a table of regular expressions (`MENTIONS`); a hit is a mention.
    `NORMAL_STATEMENTS` are whole phrases that deny an observation ("heart size is normal").
-3. Status of a mention, from the clause around it: a negation trigger before it (`PRE_NEG`: "no",
-   "without", "negative for", ...) whose scope reaches it, or a negation after it (`POST_NEG`: "is not
-   seen", "has resolved") makes it negative; an uncertainty trigger (`UNCERTAIN`: "may", "possible",
-   "cannot exclude", "versus", ...) anywhere in the clause makes it uncertain; otherwise positive.
-   A pre-negation covers a list ("no effusion or pneumothorax") but stops at a clause break and at a
-   comma that starts a new statement (a comma followed by a severity word or a verb).
-4. One status per observation and study: positive beats uncertain beats negative, so "no new
+   "line" is a device only in device context (`_DEVICE_LINE`).
+3. Explanations: "X represents / is due to / is consistent with Y" splits the clause; X is judged
+   on the words before the verb, and is dropped when Y is a benign look-alike (`BENIGN_CAUSES`:
+   nipple shadow, overlapping soft tissue, technique, ...).
+4. Status of a mention (`_status`), in the order of the CheXpert labeler's stages: pre-negation
+   uncertainty and NegEx pseudo-negations masked ("cannot exclude", "no interval change in"),
+   then negation (`PRE_NEG` forward, `POST_NEG` backward, hedges against: "unlikely", "rather
+   than", "less likely"), then uncertainty (`UNCERTAIN` clause-wide, `FWD_UNCERTAIN` forward
+   only: "possible", "probable"); otherwise positive.
+5. One status per observation and study: positive beats uncertain beats negative, so "no new
    effusion; small left effusion" is positive.
-5. Attributes from the clause of the chosen mention: laterality, severity, zone, subtype.
+6. Attributes from the clause of the chosen mention: laterality, severity, zone, subtype.
 
 `no_finding` (decided here, documented in docs/LABELER.md): positive when the text mentions at least
 one observation or says the study is normal, and no observation other than `support_devices` is
