@@ -133,6 +133,12 @@ def test_finding_explained_by_another_finding_stays_present():
     assert got["lung_opacity"] == "positive" and got["atelectasis"] == "uncertain"
     got = {o: f.status for o, f in label_report("Right basilar opacity is due to atelectasis.").items()}
     assert got["lung_opacity"] == got["atelectasis"] == "positive"
+    # A cause that explains a look-alike does not explain a real finding away.
+    assert status("Bibasilar atelectasis due to low lung volumes.", "atelectasis") == "positive"
+    blunting = "Blunting of the costophrenic angle, consistent with a small effusion and/or pleural scarring."
+    assert status(blunting, "pleural_effusion") == "positive"
+    either = "Right upper lung opacities, possibly related to superimposed ribs versus developing nodules."
+    assert status(either, "lung_opacity") == "positive"
     # A real nodule in a sentence that also names a nipple shadow is still a nodule.
     assert status("Nipple shadows and a 1 cm nodule in the left upper lobe.", "lung_lesion") == "positive"
 

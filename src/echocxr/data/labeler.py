@@ -228,20 +228,40 @@ BENIGN_CAUSES = (
     r"(?:vascular|vessel\w*) (?:shadows?|structures?|markings)|vessels? (?:seen )?(?:on end|end[- ]on)",
     r"costochondral|costal cartilage",
     r"skin ?folds?|artifact\w*|clothing|hair|braids?",
-    r"technique|projection\w*|positioning|position|rotation|rotated|portable|\bap\b|supine|lordotic",
-    r"(?:low|poor|shallow|decreased) (?:lung volumes?|inspiration|inspiratory|inflation)|hypoinflation|"
-    r"underinflation|habitus|obesity",
     r"(?:epicardial|pericardial|mediastinal|cardiophrenic)? ?fat(?: pads?)?\b",
     r"pectus",
     r"scapula\w*|scapular",
     r"\bribs?\b|\bbone\w*|osseous",
 )
+# Technique explains an apparent large heart, wide mediastinum, crowded vessels or a hazy base,
+# but not atelectasis ("bibasilar atelectasis due to low lung volumes" is atelectasis).
+_TECHNIQUE = (
+    r"technique|projection\w*|positioning|position|rotation|rotated|portable|\bap\b|supine|lordotic|"
+    r"(?:low|poor|shallow|decreased) (?:lung volumes?|inspiration|inspiratory|inflation)|hypoinflation|"
+    r"underinflation|habitus|obesity|cachexia"
+)
 # Causes that explain away one observation only: blunted costophrenic angles that are pleural
 # thickening are no effusion; an enlarged-looking mediastinum that is a tortuous aorta is no mass.
 BENIGN_CAUSES_FOR: dict[str, str] = {
     "pleural_effusion": r"pleural (?:thickening|scar\w*|reaction)|scar\w*|fat\b",
-    "enlarged_cardiomediastinum": r"tortu\w+|ectatic|unfold\w*|vessels?|vascular|aort\w+",
+    "enlarged_cardiomediastinum": r"tortu\w+|ectatic|unfold\w*|vessels?|vascular|aort\w+|" + _TECHNIQUE,
+    "cardiomegaly": _TECHNIQUE,
+    "lung_opacity": _TECHNIQUE,
+    "edema": _TECHNIQUE,
+    "hyperinflation": _TECHNIQUE,
 }
+# Findings in the lung or pleura: an explanation that also names one of them ("superimposed rib
+# lesions versus developing pulmonary nodules") does not explain the mention away.
+_PULMONARY = (
+    "lung_opacity",
+    "lung_lesion",
+    "consolidation",
+    "pneumonia",
+    "atelectasis",
+    "edema",
+    "pleural_effusion",
+    "pneumothorax",
+)
 # Mentions that are something else: matched spans are blanked before mention search.
 _NOT_MENTIONS: tuple[str, ...] = (
     r"pericardial effusion",
@@ -630,9 +650,17 @@ def _explanation(clause: str) -> tuple[int, str]:
 
 def explained_away(observation: str, explanation: str) -> bool:
     """True when `explanation` (the words after "represents", "is due to", ...) names a benign
-    cause of a mention of `observation` (`BENIGN_CAUSES`, `BENIGN_CAUSES_FOR`)."""
+    cause of a mention of `observation`: one of its own causes (`BENIGN_CAUSES_FOR`), or a
+    look-alike (`BENIGN_CAUSES`) while naming no finding of the lung or pleura. Never when the
+    explanation names the observation itself ("blunting consistent with a small effusion and/or
+    scarring")."""
+    named = _NOT_MENTION_RE.sub(lambda m: " " * len(m.group()), explanation)
+    if _MENTION_RE[observation].search(named):
+        return False
     rx = _BENIGN_FOR_RE.get(observation)
-    return bool(_BENIGN_RE.search(explanation) or (rx is not None and rx.search(explanation)))
+    if rx is not None and rx.search(explanation):
+        return True
+    return bool(_BENIGN_RE.search(explanation)) and not any(_MENTION_RE[o].search(named) for o in _PULMONARY)
 
 
 def mentions(text: str) -> list[Mention]:
