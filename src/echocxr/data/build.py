@@ -273,7 +273,7 @@ class _Stats:
 
     def __init__(self) -> None:
         self.changes: dict[tuple[str, str], list[dict]] = {}  # (study id, language) -> changes
-        self.checked: Counter = Counter()  # language -> target texts re-labeled
+        self.checked: dict[str, set[str]] = defaultdict(set)  # language -> study ids re-labeled
         self.read: Counter = Counter()
         self.dropped: dict[str, Counter] = defaultdict(Counter)  # reason -> source -> n
         self.untranslatable: Counter = Counter()
@@ -360,7 +360,7 @@ def _build(cfg: BuildConfig, fp: str | None, log: IssueLog, stats: _Stats, llm, 
             "impression": norm["impression"].strip(),
         }
         if cfg.normalize:  # the original text as the target (--no-normalize) is its own source
-            stats.checked["en"] += 1
+            stats.checked["en"].add(rec.study_id)
             changes = check_target(findings, normalized[rec.study_id], "en")
             if changes:
                 stats.changes[(rec.study_id, "en")] = changes
@@ -435,7 +435,7 @@ def _build(cfg: BuildConfig, fp: str | None, log: IssueLog, stats: _Stats, llm, 
             stats.untranslatable[rec.source] += 1
             continue
         if by_rules:  # an LLM translation has no exact way back to English to re-label
-            stats.checked["zh"] += 1
+            stats.checked["zh"].add(rec.study_id)
             changes = check_target(_findings_of(rec), zh, "zh")
             if changes:
                 stats.changes[(rec.study_id, "zh")] = changes
@@ -571,7 +571,8 @@ def _consistency_card(stats: _Stats, written: set[str]) -> dict:
         "rule": "label_report of each target text (EN; ZH through zh_to_en) against the source "
         "report's labels; a negative stated only by the target is not a change",
         "studies": n,
-        "checked_texts": dict(sorted(stats.checked.items())),
+        # written texts only (a study removed by dedup later was checked but is not counted)
+        "checked_texts": {lang: len(ids & written) for lang, ids in sorted(stats.checked.items())},
         "studies_with_change": len(studies),
         "rate": round(len(studies) / n, 6) if n else 0.0,
         "by_kind": dict(sorted(by_kind.items())),
