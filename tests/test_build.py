@@ -166,6 +166,12 @@ def test_build_outputs_and_card(built):
     assert sum(r.study_id in zh_ids for r in evaluation) >= len(evaluation) - untranslatable
     assert card["chinese"]["written"].get("iu", 0) == len(zh)
 
+    # Consistency check: every written EN target and rule-rendered ZH copy was re-labeled.
+    cons = card["consistency"]
+    assert cons["studies"] == len(en) and cons["checked_texts"] == {"en": len(en), "zh": len(zh)}
+    assert cons["studies_with_change"] == len({i["study_id"] for i in cons["items"]}) == 0
+    assert "## Consistency" in (out / "data_card.md").read_text()
+
     # Eval sets: test split only, capped by --eval-size.
     eval_en = list(read_jsonl(out / "eval_en.jsonl"))
     eval_zh = list(read_jsonl(out / "eval_zh.jsonl"))
@@ -417,3 +423,59 @@ def test_llm_build_on_loopback_uses_the_reply_cache_on_rerun(built):
         card2 = build(replace(cfg, force=True))
         assert server.requests == sent and card2["_run"]["llm_requests"] == 0
         assert _digest(Path(cfg.out)) == before
+
+
+def test_label_changes_kinds():
+    from echocxr.data.normalize import label_changes
+    from echocxr.data.observations import Finding
+
+    def f(**st):
+        return {o: Finding(o, s) for o, s in st.items()}
+
+    src = f(pleural_effusion="positive", pneumonia="uncertain", edema="negative", fracture="positive")
+    tgt = f(
+        pleural_effusion="negative", pneumonia="uncertain", atelectasis="positive", pneumothorax="negative"
+    )
+    got = {(c["observation"], c["kind"], c["source"], c["target"]) for c in label_changes(src, tgt)}
+    assert got == {
+        ("pleural_effusion", "flipped", "positive", "negative"),
+        ("atelectasis", "appeared", None, "positive"),
+        ("edema", "vanished", "negative", None),
+        ("fracture", "vanished", "positive", None),
+    }  # a negative stated only by the target (pneumothorax) is no change
+
+
+def test_build_card_lists_every_label_change(tmp_path, monkeypatch):
+    """A normalizer that loses a finding: the card counts and lists the study, EN and ZH."""
+    import echocxr.data.normalize as normalize
+
+    real = normalize.normalize_report
+
+    def lossy(findings, impression, labels=None):
+        out = real(findings, impression, labels)
+        if "pleural effusion" in findings.lower() and "Small right pleural effusion." in out["findings"]:
+            out = {
+                k: v.replace("Small right pleural effusion.", "No pleural effusion.") for k, v in out.items()
+            }
+            out["impression"] = out["impression"] or "No pleural effusion."
+        return out
+
+    monkeypatch.setattr(normalize, "normalize_report", lossy)
+    archive = _archive(tmp_path)
+    cfg = _cfg(tmp_path, archive, dedup=False, zh_share=1.0)
+    card = build(cfg)
+    cons = card["consistency"]
+    study = next(
+        r.study_id
+        for r in read_jsonl(Path(cfg.out) / "corpus.jsonl")
+        if r.original["findings"].startswith("Small right pleural effusion")
+    )
+    assert cons["studies_with_change"] == 1 and cons["rate"] == round(1 / cons["studies"], 6)
+    want = {"study_id": study, "observation": "pleural_effusion", "kind": "flipped"}
+    langs = {i["language"] for i in cons["items"] if all(i[k] == v for k, v in want.items())}
+    assert "en" in langs and langs <= {"en", "zh"}
+    assert all(i["source"] == "positive" and i["target"] == "negative" for i in cons["items"])
+    assert (
+        f"`{study}` (en): pleural_effusion flipped (positive -> negative)"
+        in (Path(cfg.out) / "data_card.md").read_text()
+    )

@@ -117,8 +117,19 @@ def test_validate_command_on_small_archive(tmp_path, capsys):
     assert (card["support"], card["precision"], card["recall"]) == (2, 1.0, 0.5)
     eff = res["all"]["per_observation"]["pleural_effusion"]
     assert (eff["support"], eff["precision"]) == (0, 0.0)
-    assert res["held_out"]["studies"] == 2 and res["tune"]["studies"] == 1
+    # CXR12 hashes into the held-out part, CXR10 and CXR11 into dev.
+    assert res["heldout"]["studies"] == 1 and res["dev"]["studies"] == 2
     assert "macro-F1" in capsys.readouterr().out
+    assert main(["data", "validate-labeler", "--iu", str(path), "--out", str(out), "--split", "heldout"]) == 0
+    assert set(json.loads(out.read_text())) == {"min_support", "held_out_rule", "heldout"}
+
+
+def test_heldout_part_is_a_fixed_hash_split():
+    from echocxr.data.labeler_validate import heldout_part
+
+    assert [i for i in range(1, 13) if heldout_part(f"CXR{i}")] == [2, 3, 5, 7, 12]
+    share = sum(heldout_part(f"CXR{i}") for i in range(1, 4001)) / 4000
+    assert 0.17 < share < 0.23
 
 
 def test_reader_errors(tmp_path):
@@ -134,6 +145,10 @@ def test_macro_f1_on_real_archive(iu_archive):
     reports = read_iu_archive(iu_archive)
     res = validate(reports)
     assert len(reports) > res["all"]["studies"] > 3000  # unindexed studies are not scored
-    assert res["all"]["macro_f1"] >= 0.85
-    assert res["held_out"]["macro_f1"] >= 0.85
+    # Issue 14 target: >= 0.88 on the archive (measured 0.905 on 2026-11-30, docs/LABELER.md). The
+    # held-out 20% (never read while writing rules since 2026-11-30) measured 0.870; its floor is
+    # lower because 17 macro-averaged classes with 6-90 positives each move by a few points.
+    assert res["all"]["macro_f1"] >= 0.88
+    assert res["dev"]["macro_f1"] >= 0.88
+    assert res["heldout"]["macro_f1"] >= 0.85
     assert score(reports[:50])["studies"] == sum(has_codes(r) for r in reports[:50])

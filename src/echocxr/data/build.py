@@ -27,7 +27,7 @@ from echocxr.data.readers import IssueLog, study_sort_key
 from echocxr.data.records import LANGUAGES, SOURCES, SPLITS, Record, write_jsonl
 from echocxr.errors import UserError
 
-CARD_VERSION = 1
+CARD_VERSION = 2  # 2: the consistency check (`consistency`)
 OUTPUTS = ("corpus.jsonl", "eval_en.jsonl", "eval_zh.jsonl", "data_card.json", "data_card.md")
 
 
@@ -251,10 +251,29 @@ def _labels_dict(findings) -> dict[str, dict]:
     return out
 
 
+def check_target(source, target: dict, language: str) -> list[dict]:
+    """Label changes between a study's source labels and one of its target texts (issue 14,
+    item 11): `normalize.label_changes` on `label_report` of the target, the Chinese one first
+    mapped back to English with `zh.zh_to_en` (the way Chinese generations are scored).
+
+    `source`: Findings of the original report; `target`: {"findings", "impression"}.
+    """
+    from echocxr.data.labeler import label_report
+    from echocxr.data.normalize import label_changes
+    from echocxr.data.zh import zh_to_en
+
+    text = f"{target.get('findings') or ''}\n{target.get('impression') or ''}"
+    if language == "zh":
+        text = zh_to_en(text)
+    return label_changes(source, label_report(text))
+
+
 class _Stats:
     """Counters for the data card, keyed by source."""
 
     def __init__(self) -> None:
+        self.changes: dict[tuple[str, str], list[dict]] = {}  # (study id, language) -> changes
+        self.checked: dict[str, set[str]] = defaultdict(set)  # language -> study ids re-labeled
         self.read: Counter = Counter()
         self.dropped: dict[str, Counter] = defaultdict(Counter)  # reason -> source -> n
         self.untranslatable: Counter = Counter()
@@ -340,6 +359,11 @@ def _build(cfg: BuildConfig, fp: str | None, log: IssueLog, stats: _Stats, llm, 
             "findings": norm["findings"].strip(),
             "impression": norm["impression"].strip(),
         }
+        if cfg.normalize:  # the original text as the target (--no-normalize) is its own source
+            stats.checked["en"].add(rec.study_id)
+            changes = check_target(findings, normalized[rec.study_id], "en")
+            if changes:
+                stats.changes[(rec.study_id, "en")] = changes
         if cfg.normalize:
             rec.findings, rec.impression = (
                 normalized[rec.study_id]["findings"],
@@ -393,6 +417,7 @@ def _build(cfg: BuildConfig, fp: str | None, log: IssueLog, stats: _Stats, llm, 
             continue
         stats.zh_selected[rec.source] += 1
         zh = None
+        by_rules = llm is None  # zh_to_en reads back only what render_zh writes
         try:
             if llm is not None:
                 try:
@@ -401,6 +426,7 @@ def _build(cfg: BuildConfig, fp: str | None, log: IssueLog, stats: _Stats, llm, 
                     log.add(rec.source, rec.study_id, "llm_translate_failed", str(e))
                     stats.llm_fallback["translate"] += 1
                     zh = render_zh(normalized[rec.study_id], _findings_of(rec))
+                    by_rules = True
             else:
                 zh = render_zh(normalized[rec.study_id], _findings_of(rec))
         except Exception as e:  # logged and counted like an untranslatable study
@@ -408,6 +434,11 @@ def _build(cfg: BuildConfig, fp: str | None, log: IssueLog, stats: _Stats, llm, 
         if zh is None or not all(chinese_only(zh.get(k) or "") for k in ("findings", "impression")):
             stats.untranslatable[rec.source] += 1
             continue
+        if by_rules:  # an LLM translation has no exact way back to English to re-label
+            stats.checked["zh"].add(rec.study_id)
+            changes = check_target(_findings_of(rec), zh, "zh")
+            if changes:
+                stats.changes[(rec.study_id, "zh")] = changes
         zh_records.append(
             replace(
                 rec,
@@ -520,6 +551,33 @@ def _card(cfg, log, stats, corpus, eval_en, eval_zh, dedup_card) -> dict:
             "items": [asdict(i) for i in log.issues],
         },
         "labels": {obs: dict(sorted(c.items())) for obs, c in sorted(labels.items())},
+        "consistency": _consistency_card(stats, {r.study_id for r in en}),
+    }
+
+
+def _consistency_card(stats: _Stats, written: set[str]) -> dict:
+    """Counts and the full list of label changes between source and target, for written studies."""
+    items = [
+        {"study_id": sid, "language": lang, **c}
+        for (sid, lang), changes in sorted(stats.changes.items())
+        if sid in written
+        for c in changes
+    ]
+    studies = {i["study_id"] for i in items}
+    by_kind = Counter(i["kind"] for i in items)
+    by_obs = Counter(f"{i['observation']} {i['kind']} {i['source']}->{i['target']}" for i in items)
+    n = len(written)
+    return {
+        "rule": "label_report of each target text (EN; ZH through zh_to_en) against the source "
+        "report's labels; a negative stated only by the target is not a change",
+        "studies": n,
+        # written texts only (a study removed by dedup later was checked but is not counted)
+        "checked_texts": {lang: len(ids & written) for lang, ids in sorted(stats.checked.items())},
+        "studies_with_change": len(studies),
+        "rate": round(len(studies) / n, 6) if n else 0.0,
+        "by_kind": dict(sorted(by_kind.items())),
+        "by_change": dict(by_obs.most_common()),
+        "items": items,
     }
 
 
@@ -602,6 +660,24 @@ def card_markdown(card: dict) -> str:
         lines += [f"- [{i['source']}] `{i['file']}`: {i['problem']} {i['detail']}".rstrip() for i in shown]
         if len(issues["items"]) > len(shown):
             lines.append(f"- ... {len(issues['items']) - len(shown)} more in data_card.json")
+    cons = card["consistency"]
+    lines += [
+        "",
+        "## Consistency: source labels vs. labels of the target text",
+        "",
+        f"Rule: {cons['rule']}.",
+        "",
+        f"- studies written: {cons['studies']}; target texts re-labeled: {cons['checked_texts']}",
+        f"- studies with a change: {cons['studies_with_change']} ({cons['rate']:.2%}); by kind: {cons['by_kind']}",
+    ]
+    lines += [f"  - {k}: {v}" for k, v in cons["by_change"].items()]
+    if not cons["items"]:
+        lines.append("- no study changed a label")
+    lines += [
+        f"- `{i['study_id']}` ({i['language']}): {i['observation']} {i['kind']} "
+        f"({i['source']} -> {i['target']})"
+        for i in cons["items"]
+    ]
     lines += [
         "",
         "## Labels (EN records)",
@@ -631,6 +707,12 @@ def summary(card: dict, out: str, run: dict | None = None) -> str:
     if card["dedup"]["enabled"]:
         lines.append(
             f"dedup: {card['dedup']['removed_near_eval']} near eval, {card['dedup']['removed_within_train']} within train"
+        )
+    cons = card.get("consistency")
+    if cons:
+        lines.append(
+            f"label consistency: {cons['studies_with_change']} of {cons['studies']} studies "
+            f"({cons['rate']:.2%}) changed a label in the target text (listed in data_card.md)"
         )
     if run:
         lines.append(f"embedded {run['embedded']} new texts; {run['llm_requests']} LLM requests")

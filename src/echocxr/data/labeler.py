@@ -1,20 +1,25 @@
 """Rule-based labeler: report text -> `Findings` (CheXpert-14 plus the extras).
 
-Written in the spirit of the NegBio / CheXpert labelers without their parser:
+Written in the spirit of the NegBio / CheXpert labelers (Irvin et al. 2019, "CheXpert", AAAI)
+without their parser, with the trigger conventions of NegEx (Chapman et al. 2001) and ConText
+(Harkema et al. 2009). docs/LABELER.md describes every rule with examples.
 
-1. The text is cut into clauses: sentences (., ;, newline) split again at words that end a negation
-   scope ("but", "however", "although", ...).
+1. The text is cut into sentences (., ;, newline) and clauses at words that end a scope ("but",
+   "however", "although", "which", ...; ConText's terminators).
 2. Mentions: each observation has a table of regular expressions (`MENTIONS`); a hit is a mention.
    `NORMAL_STATEMENTS` are whole phrases that deny an observation ("heart size is normal").
-3. Status of a mention, from the clause around it: a negation trigger before it (`PRE_NEG`: "no",
-   "without", "negative for", ...) whose scope reaches it, or a negation after it (`POST_NEG`: "is not
-   seen", "has resolved") makes it negative; an uncertainty trigger (`UNCERTAIN`: "may", "possible",
-   "cannot exclude", "versus", ...) anywhere in the clause makes it uncertain; otherwise positive.
-   A pre-negation covers a list ("no effusion or pneumothorax") but stops at a clause break and at a
-   comma that starts a new statement (a comma followed by a severity word or a verb).
-4. One status per observation and study: positive beats uncertain beats negative, so "no new
+   "line" is a device only in device context (`_DEVICE_LINE`).
+3. Explanations: "X represents / is due to / is consistent with Y" splits the clause; X is judged
+   on the words before the verb, and is dropped when Y is a benign look-alike (`BENIGN_CAUSES`:
+   nipple shadow, overlapping soft tissue, technique, ...).
+4. Status of a mention (`_status`), in the order of the CheXpert labeler's stages: pre-negation
+   uncertainty and NegEx pseudo-negations masked ("cannot exclude", "no interval change in"),
+   then negation (`PRE_NEG` forward, `POST_NEG` backward, hedges against: "unlikely", "rather
+   than", "less likely"), then uncertainty (`UNCERTAIN` clause-wide, `FWD_UNCERTAIN` forward
+   only: "possible", "probable"); otherwise positive.
+5. One status per observation and study: positive beats uncertain beats negative, so "no new
    effusion; small left effusion" is positive.
-5. Attributes from the clause of the chosen mention: laterality, severity, zone, subtype.
+6. Attributes from the clause of the chosen mention: laterality, severity, zone, subtype.
 
 `no_finding` (decided here, documented in docs/LABELER.md): positive when the text mentions at least
 one observation or says the study is normal, and no observation other than `support_devices` is
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from echocxr.data.observations import Finding, Findings
 
@@ -32,6 +38,14 @@ from echocxr.data.observations import Finding, Findings
 # Mentions: observation -> patterns (matched on lower-cased text with `XXXX` kept as "xxxx").
 
 _EFF = r"effusions?"
+# A "line" is a device only next to a device word: "PICC line", "right subclavian line", "central
+# venous line", "lines and tubes", "the line tip", "the line has been removed".
+_DEVICE_LINE = (
+    r"(?:picc|central|venous|midline|arterial|\biv|jugular|\bij|subclavian|femoral|dialysis|hickman|"
+    r"hemodialysis|swan[- ]ganz|\bpa|catheter|port|infusion|triple[- ]lumen|double[- ]lumen)"
+    r"(?: [\w-]+)?? lines?\b|\blines?,? (?:and|or|&|/) tubes?\b|\btubes?,? (?:and|or|&|/) lines?\b|"
+    r"\blines?/tubes?\b|\bline (?:tip|terminat\w*|courses?|has been (?:removed|placed|with\w*)|is in place)"
+)
 MENTIONS: dict[str, tuple[str, ...]] = {
     "cardiomegaly": (
         r"cardiomegaly",
@@ -57,12 +71,13 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         r"opacit(?:y|ies)",
         r"opacification",
         r"densit(?:y|ies)",
-        r"(?:airspace|interstitial) (?:markings|prominence)",
+        r"airspace (?:markings|prominence)",
         r"haziness|hazy",
     ),
     "lung_lesion": (
+        # "nodular opacity/density" is an opacity (the IU coders write Opacity/round), not a nodule
         r"nodules?",
-        r"nodular",
+        r"fibronodular",
         r"(?<!soft tissue )mass(?:es)?\b",
         r"(?:pulmonary |lung )?lesions?",
         r"neoplasm|tumou?r|malignan\w+|metasta\w+|carcinoma",
@@ -76,10 +91,15 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         r"kerley",
         r"heart failure|volume overload",
         r"venous (?:engorgement|hypertension)",
+        # prominent central vessels: the IU coders write Pulmonary Congestion
+        r"(?:central|pulmonary|lung) (?:\w+ )?vascula\w* (?:(?:is|are|appears?|remains?) )?(?:\w+ )?"
+        r"(?:prominen\w*|engorge\w*|accentuat\w*|increased)|"
+        r"(?:prominen\w*|engorge\w*|accentuat\w*|increased) (?:of )?(?:the )?(?:\w+ ){0,2}(?:vascula\w*|vessels)",
     ),
     "consolidation": (
         r"consolidat\w*",
-        r"air ?space (?:disease|opacit\w+|process|consolidation)",
+        # "airspace opacity" is an opacity (the IU coders write Opacity, not Airspace Disease)
+        r"air ?space (?:disease|process|consolidation)",
         r"infiltrat\w*",
     ),
     "pneumonia": (
@@ -106,6 +126,7 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         r"(?:apical|pleural) (?:cap|capping)",
         r"fibrothorax",
         r"pleural[- ]parenchymal scarring",
+        r"fissur\w* thickening|thickening of the (?:\w+ )?fissures?|thickened (?:\w+ )?fissures?",
     ),
     "fracture": (r"fractur\w*", r"\bfx\b"),
     "support_devices": (
@@ -116,7 +137,12 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         r"endotracheal|\bet tube|\bett\b|tracheostomy",
         r"(?:nasogastric|orogastric|feeding|enteric|\bng|\bog|dobhoff|gastric) tube",
         r"chest tubes?|pleural (?:drain|catheter)|thoracostomy",
-        r"\bstents?\b|\blines?\b(?! of)|stimulator|loop recorder|\bleads?\b|medical device|"
+        # "line" only in device context (item 10 of issue 14): not lung, septal, Kerley, pleural,
+        # fissure or suture lines.
+        _DEVICE_LINE,
+        # de-identified catheters: "left chest XXXX with tip in the SVC", "XXXX-a-XXXX" (port-a-cath)
+        r"\btip\b(?: [\w-]+){0,6}? (?:svc|cavoatrial|caval ?atrial|superior vena|right atri\w+)|xxxx-a-xxxx",
+        r"\bstents?\b|stimulator|loop recorder|\bleads?\b|medical device|"
         r"shunt tubing|gastrostomy|nephrostomy|\btips\b|closure device|support devices?",
     ),
     "calcified_granuloma": (
@@ -181,10 +207,61 @@ _CONTEXT: dict[str, str] = {
     "aortic_abnormality": r"aort|arch|knob|atheroscl|atheromatous",
     "hiatal_hernia": r"hiatal|hiatus|hernia",
 }
-# Mentions dropped when their sentence matches (a "nodular density" that is a nipple shadow).
-_EXCLUDE: dict[str, str] = {
-    "lung_lesion": r"nipple",
+# Explanations (item 9 of issue 14). In "X represents / is due to / is consistent with Y" the clause
+# splits at the explanation verb: X is what is seen, Y what the reader thinks it is. A hedge inside
+# the explanation ("X may represent Y") makes Y uncertain, not X (ConText's forward scope, Harkema
+# et al. 2009). When Y is a look-alike that is no disease of the chest (`BENIGN_CAUSES`: a nipple
+# shadow, overlapping soft tissue or vessels, technique, a fat pad, a pectus deformity), X is
+# explained away and is not a finding at all. When Y is a finding (atelectasis, scarring), X stays
+# present and Y is labeled as well.
+EXPLAIN = (
+    r"(?:\b(?:which|that|and|most|more|likely|probably|possibly|may|might|could|can|xxxx) )*"
+    r"(?:\b(?:is|are|be|being|was|were|felt to be|thought to be) )?"
+    r"\b(?:represent\w*|reflect\w*|(?:due|secondary|related|attributable|attributed) to|"
+    r"(?:consistent|compatible) with|caused by|accounts? for)\b"
+)
+BENIGN_CAUSES = (
+    r"nipples?",
+    r"breast",
+    r"soft[- ]tissues?",
+    r"(?:overlap\w*|overlying|superimpos\w*|superimposition|confluence|summation)",
+    r"(?:vascular|vessel\w*) (?:shadows?|structures?|markings)|vessels? (?:seen )?(?:on end|end[- ]on)",
+    r"costochondral|costal cartilage",
+    r"skin ?folds?|artifact\w*|clothing|hair|braids?",
+    r"(?:epicardial|pericardial|mediastinal|cardiophrenic)? ?fat(?: pads?)?\b",
+    r"pectus",
+    r"scapula\w*|scapular",
+    r"\bribs?\b|\bbone\w*|osseous",
+)
+# Technique explains an apparent large heart, wide mediastinum, crowded vessels or a hazy base,
+# but not atelectasis ("bibasilar atelectasis due to low lung volumes" is atelectasis).
+_TECHNIQUE = (
+    r"technique|projection\w*|positioning|position|rotation|rotated|portable|\bap\b|supine|lordotic|"
+    r"(?:low|poor|shallow|decreased) (?:lung volumes?|inspiration|inspiratory|inflation)|hypoinflation|"
+    r"underinflation|habitus|obesity|cachexia"
+)
+# Causes that explain away one observation only: blunted costophrenic angles that are pleural
+# thickening are no effusion; an enlarged-looking mediastinum that is a tortuous aorta is no mass.
+BENIGN_CAUSES_FOR: dict[str, str] = {
+    "pleural_effusion": r"pleural (?:thickening|scar\w*|reaction)|scar\w*|fat\b",
+    "enlarged_cardiomediastinum": r"tortu\w+|ectatic|unfold\w*|vessels?|vascular|aort\w+|" + _TECHNIQUE,
+    "cardiomegaly": _TECHNIQUE,
+    "lung_opacity": _TECHNIQUE,
+    "edema": _TECHNIQUE,
+    "hyperinflation": _TECHNIQUE,
 }
+# Findings in the lung or pleura: an explanation that also names one of them ("superimposed rib
+# lesions versus developing pulmonary nodules") does not explain the mention away.
+_PULMONARY = (
+    "lung_opacity",
+    "lung_lesion",
+    "consolidation",
+    "pneumonia",
+    "atelectasis",
+    "edema",
+    "pleural_effusion",
+    "pneumothorax",
+)
 # Mentions that are something else: matched spans are blanked before mention search.
 _NOT_MENTIONS: tuple[str, ...] = (
     r"pericardial effusion",
@@ -201,8 +278,12 @@ _NOT_MENTIONS: tuple[str, ...] = (
     r"tortuosity of the (?:\w+ )?(?:trachea|vessels?|brachiocephalic|great vessels)",
     r"bony lesions?",
     # a broken device part is not a bone fracture (only the word "fracture" is blanked)
-    r"fractur\w*(?= (?:\w+ ){0,3}(?:leads?|wires?|xxxx))|(?<=lead )fractur\w*|(?<=wire )fractur\w*",
+    r"fractur\w*(?= (?:\w+ ){0,3}(?:leads?|wires?|xxxx|screws?|catheters?|hardware|plates?|rods?))|"
+    r"(?:catheter|screw|hardware|plate|rod|wire|lead)s? (?:is |are |was |were |has been )?fractur\w*",
     r"skin (?:lines?|folds?)",
+    # external monitoring leads lie on the skin: no device in the patient
+    r"(?:(?:external|cardiac|ekg|ecg|telemetry) )?(?:monitor\w*|ekg|ecg|telemetry) (?:\w+ )?leads?|"
+    r"(?:overlying|external) (?:\w+ )?leads?",
 )
 
 # Whole phrases that deny an observation without a negation word.
@@ -249,13 +330,38 @@ NORMAL_STUDY = (
 # ---------------------------------------------------------------------------------------------
 # Triggers.
 
+# NegEx pseudo-negations (Chapman et al. 2001): phrases with a negation word that deny a change,
+# not the finding ("no significant interval change in the small left effusion", "not worse"). They
+# are masked before the negation search, so the finding they name is present (item 7 of issue 14).
+_CHANGE_QUALIFIERS = (
+    r"(?:significant|interval|appreciable|substantial|definite|definitive|major|marked|acute|"
+    r"radiographic|visible|detectable|apparent|real|gross|overall|notable|measurable|important|"
+    r"meaningful|further|recent|convincing|evidence of|signs? of|short[- ]term|\w+ly)"
+)
+_CHANGES = (
+    r"(?:change|changes|changed|increase|increases|decrease|decreases|worsening|progression|difference|"
+    r"growth|enlargement in size|increase in size)"
+)
+PSEUDO_NEG = (
+    rf"\bno\b(?: {_CHANGE_QUALIFIERS})* {_CHANGES}\b",
+    rf"\bnot\b(?: (?:been|{_CHANGE_QUALIFIERS}))* (?:changed|worse|worsened|progressed|grown|different)\b",
+    r"\bno (?:worse|bigger|larger)\b",
+    r"\bnot only\b|\bnot otherwise\b",
+)
+# Negation and hedges against a finding. Forward triggers (NegEx "pre-negation"; CheXpert
+# "negation" rules, Irvin et al. 2019) negate mentions after them in their scope; `POST_NEG` ones
+# ("X is unlikely", "X has resolved") negate the mention just before. A finding argued against is
+# negative (item 8 of issue 14): "unlikely", "A rather than X", "less likely X", "without
+# convincing evidence of X", "not likely" -- ConText's "definite negated existence" triggers
+# (Harkema et al. 2009) for "rather than"/"unlikely".
 PRE_NEG = (
-    r"\bno\b(?! (?:interval |significant |appreciable )?(?:change|increase|decrease|longer|further)\b)",
-    r"\bnot\b(?! (?:only|changed|significantly changed|otherwise)\b)",
+    r"\bno\b(?! (?:longer|further)\b)",
+    r"\bnot\b",
     r"\bwithout\b",
     r"negative for",
     r"free of",
     r"clear of",
+    r"\bclear(?= (?:focal |acute )?(?:air ?space|consolidation|infiltrat))",  # "lungs are clear airspace disease"
     r"absence of",
     r"resolution of",
     r"resolved",
@@ -267,6 +373,11 @@ PRE_NEG = (
     r"removal of",
     r"\bremoved\b",
     r"\bnone\b",
+    r"rather than",
+    r"instead of",
+    r"\bless likely\b",
+    r"\bunlikely\b",
+    r"\bargues? against",
 )
 POST_NEG = (
     r"(?:is|are|was|were|has|have|be|been)? ?(?:no longer|not) (?:\w+ )?(?:seen|identified|"
@@ -279,12 +390,16 @@ POST_NEG = (
     r"(?:is|are|has|have|been) (?:\w+ )?excluded",
     r"(?:is|are) not (?:enlarged|widened|increased)",
     r"(?:is|are) (?:\w+ )?(?:normal|within normal)",
+    r"(?:appears?|is|are) (?:\w+ )?within (?:the )?(?:limits of normal|normal limits)",
+    r"(?:is|are|was|were|seems?|appears?|felt|thought|considered|be|felt to be|thought to be)? ?"
+    r"(?:very |much |considered |felt |thought )?(?:unlikely|improbable|doubtful|not likely|less likely|"
+    r"not favou?red|not suspected)(?=\s*$|\s*,|\s(?:and|but|as|since|because|given|in|on|at)\b)",
 )
 UNCERTAIN = (
     r"\bmay\b",
     r"\bmight\b",
     r"\bcould\b",
-    r"\bpossib\w+",
+    r"\b(?:is|are|be|remains?) (?:also |still )?possible\b",
     r"\bpotential\w*",
     r"cannot (?:be )?(?:entirely |completely |definitely |definitively )?(?:exclude\w*|rule\w* out|"
     r"excluded|ruled out|eliminated)",
@@ -298,16 +413,24 @@ UNCERTAIN = (
     r"concern\w* (?:for|of)",
     r"suggest\w* (?:the )?(?:possibility|differential)",
     r"\bequivocal\b",
-    r"indeterminate",
-    r"\bor\b (?:less likely )?(?:early |developing |superimposed )?(?:pneumonia|infection|atelectasis|"
+    r"(?<!age-)(?<!age )indeterminate",  # an "age-indeterminate fracture" is a fracture
+    r"\bor\b (?:early |developing |superimposed )?(?:pneumonia|infection|atelectasis|"
     r"consolidation|scar\w*|edema|effusion)",
-    r"differential",
     r"not (?:entirely )?(?:certain|sure|clear)",
     r"\buncertain\b",
     r"\bunclear\b",
     r"\bpresumed\b",
     r"(?:cannot|can not) be (?:assessed|evaluated)",
+    r"\b(?:evaluat\w*|assess\w*|look\w*|search\w*) for\b",
     r"obscur\w+",
+)
+# Hedges for the words after them only (ConText's forward-scoped "possible", Harkema et al.
+# 2009): "right paratracheal mass, possibly lymphadenopathy" hedges the lymphadenopathy, not the
+# mass. "probable X" hedges X; "probably represents" reads like "likely" (positive).
+FWD_UNCERTAIN = (
+    r"\bpossib\w+",
+    r"\bprobable\b",
+    r"differential",  # "most suggestive of edema, differential includes infection"
 )
 # Words that end a negation scope inside a sentence.
 _SCOPE_BREAK = re.compile(
@@ -362,7 +485,7 @@ _SUBTYPES: dict[str, tuple[tuple[str, str], ...]] = {
         (r"endotracheal|\bet tube|\bett\b|tracheostomy", "endotracheal_tube"),
         (r"nasogastric|orogastric|feeding|enteric|\bng\b|\bog\b|dobhoff|gastric tube", "ng_tube"),
         (r"chest tube|pleural (?:drain|catheter)|thoracostomy", "chest_tube"),
-        (r"picc|central|venous|port|swan|catheter|line", "central_line"),
+        (r"picc|central|venous|port|swan|catheter|line|svc|cavoatrial|caval|xxxx-a-xxxx", "central_line"),
     ),
     "fracture": (
         (r"\bribs?\b", "rib"),
@@ -371,7 +494,7 @@ _SUBTYPES: dict[str, tuple[tuple[str, str], ...]] = {
     ),
     "edema": (
         (r"edema|chf|failure|kerley", "edema"),
-        (r"congestion|cephali|engorge|redistribution", "vascular_congestion"),
+        (r"congestion|cephali|engorge|redistribution|vascula|vessel", "vascular_congestion"),
     ),
     "aortic_abnormality": (
         (r"tortu|ectat|ectasia|unfold", "tortuous"),
@@ -429,13 +552,17 @@ def _compile(patterns: tuple[str, ...]) -> re.Pattern:
 _MENTION_RE = {o: _compile(p) for o, p in MENTIONS.items()}
 _NORMAL_RE = {o: _compile(p) for o, p in NORMAL_STATEMENTS.items() if p}
 _CONTEXT_RE = {o: re.compile(p) for o, p in _CONTEXT.items()}
-_EXCLUDE_RE = {o: re.compile(p) for o, p in _EXCLUDE.items()}
+_EXPLAIN_RE = re.compile(EXPLAIN)
+_BENIGN_RE = _compile(BENIGN_CAUSES)
+_BENIGN_FOR_RE = {o: re.compile(p) for o, p in BENIGN_CAUSES_FOR.items()}
 _NOT_MENTION_RE = _compile(_NOT_MENTIONS)
 _NORMAL_STUDY_RE = _compile(NORMAL_STUDY)
 _PRE_NEG_RE = _compile(PRE_NEG)
+_PSEUDO_NEG_RE = _compile(PSEUDO_NEG)
 # A post-negation may follow the mention after a few words ("tube and NG tube have been removed").
 _POST_NEG_RE = re.compile(r"^\s*(?:[\w/-]+ ){0,4}?(?:" + "|".join(f"(?:{p})" for p in POST_NEG) + ")")
 _UNCERTAIN_RE = _compile(UNCERTAIN)
+_FWD_UNCERTAIN_RE = _compile(FWD_UNCERTAIN)
 _SEVERITY_RE = [(re.compile(p), s) for p, s in _SEVERITY]
 _ZONE_RE = [(re.compile(p), z) for p, z in _ZONES]
 _SUBTYPE_RE = {o: [(re.compile(p), s) for p, s in t] for o, t in _SUBTYPES.items()}
@@ -486,41 +613,103 @@ def _negated_before(clause: str, start: int) -> bool:
     return all(not _NEW_STATEMENT.match(piece) for piece in between.split(",")[1:])
 
 
+def _mask(rx: re.Pattern, text: str) -> str:
+    return rx.sub(lambda m: "_" * len(m.group()), text)
+
+
 def _status(clause: str, start: int, end: int) -> str:
-    # "cannot exclude", "not ruled out": the negation words inside belong to the uncertainty.
-    masked = _UNCERTAIN_RE.sub(lambda m: "_" * len(m.group()), clause)
+    """Status of the mention at clause[start:end], in the order of the CheXpert labeler's stages.
+
+    1. Pre-negation uncertainty (CheXpert; NegEx pseudo-triggers): "cannot exclude", "not ruled
+       out" are uncertainty and "no interval change in" is no negation, so their negation words are
+       masked first.
+    2. Negation: a forward trigger whose scope reaches the mention (`PRE_NEG`, `_negated_before`), a
+       backward one within four words after it (`POST_NEG`: "has resolved", "is unlikely"), or a
+       negation word inside the mention itself ("heart is not enlarged") -> "negative".
+    3. Post-negation uncertainty: an uncertainty trigger anywhere in the clause -> "uncertain".
+    Otherwise "positive". The clause is a scope: callers cut it at scope breakers and explanations.
+    """
+    masked = _mask(_PSEUDO_NEG_RE, _mask(_UNCERTAIN_RE, clause))
     tail = masked[end:]
-    inside = re.search(r"\b(?:not|no|without)\b", clause[start:end])  # "heart is not enlarged"
+    inside = re.search(r"\b(?:not|no|without)\b", masked[start:end])  # "heart is not enlarged"
     if inside or _negated_before(masked, start) or _POST_NEG_RE.match(tail):
         return "negative"
-    if _UNCERTAIN_RE.search(clause):
+    if _UNCERTAIN_RE.search(clause) or _FWD_UNCERTAIN_RE.search(clause[:start]):
         return "uncertain"
     return "positive"
 
 
+def _explanation(clause: str) -> tuple[int, str]:
+    """Where the clause's explanation starts ("X may represent Y"; len(clause) if none) and the
+    explanation's text (empty if none)."""
+    m = _EXPLAIN_RE.search(clause)
+    if m is None or m.start() == 0:
+        return len(clause), ""
+    return m.start(), clause[m.end() :]
+
+
+def explained_away(observation: str, explanation: str) -> bool:
+    """True when `explanation` (the words after "represents", "is due to", ...) names a benign
+    cause of a mention of `observation`: one of its own causes (`BENIGN_CAUSES_FOR`), or a
+    look-alike (`BENIGN_CAUSES`) while naming no finding of the lung or pleura. Never when the
+    explanation names the observation itself ("blunting consistent with a small effusion and/or
+    scarring")."""
+    named = _NOT_MENTION_RE.sub(lambda m: " " * len(m.group()), explanation)
+    if _MENTION_RE[observation].search(named):
+        return False
+    rx = _BENIGN_FOR_RE.get(observation)
+    if rx is not None and rx.search(explanation):
+        return True
+    return bool(_BENIGN_RE.search(explanation)) and not any(_MENTION_RE[o].search(named) for o in _PULMONARY)
+
+
 def mentions(text: str) -> list[Mention]:
-    """Every mention of every observation in the text, with its status."""
+    """Every mention of every observation in the text, with its status (see `_status`).
+
+    In a clause with an explanation ("X is due to Y"), mentions of X are judged on the words
+    before the explanation only, and dropped when Y is a benign cause; mentions of Y on the
+    whole clause.
+    """
     found: list[Mention] = []
     for sent in sentences(clean(text)):
-        for clause in clauses(sent):
-            blanked = _NOT_MENTION_RE.sub(lambda m: " " * len(m.group()), clause)
-            for obs, rx in _MENTION_RE.items():
-                if obs in _CONTEXT_RE and not _CONTEXT_RE[obs].search(sent):
-                    continue
-                if obs in _EXCLUDE_RE and _EXCLUDE_RE[obs].search(sent):
-                    continue
-                for m in rx.finditer(blanked):
-                    found.append(
-                        Mention(obs, _status(clause, m.start(), m.end()), clause, m.start(), m.end())
-                    )
-        for obs, rx in _NORMAL_RE.items():
-            for m in rx.finditer(sent):
-                found.append(Mention(obs, "negative", sent, m.start(), m.end()))
+        found.extend(_sentence_mentions(sent))
     return found
 
 
+# Reports reuse template sentences, so a sentence's mentions are cached (a pure function of it).
+@lru_cache(maxsize=1 << 16)
+def _sentence_mentions(sent: str) -> tuple[Mention, ...]:
+    found: list[Mention] = []
+    for clause in clauses(sent):
+        blanked = _NOT_MENTION_RE.sub(lambda m: " " * len(m.group()), clause)
+        # the benign cause is searched in the unblanked clause: "nipple shadow" is blanked
+        # as a mention look-alike but names the cause (blanking keeps the length)
+        cut, explanation = _explanation(clause)
+        for obs, rx in _MENTION_RE.items():
+            if obs in _CONTEXT_RE and not _CONTEXT_RE[obs].search(sent):
+                continue
+            for m in rx.finditer(blanked):
+                if m.end() <= cut:
+                    if explanation and explained_away(obs, explanation):
+                        continue
+                    st = _status(clause[:cut], m.start(), m.end())
+                else:
+                    st = _status(clause, m.start(), m.end())
+                found.append(Mention(obs, st, clause, m.start(), m.end()))
+    for obs, rx in _NORMAL_RE.items():
+        for m in rx.finditer(sent):
+            found.append(Mention(obs, "negative", sent, m.start(), m.end()))
+    return tuple(found)
+
+
 def says_normal(text: str) -> bool:
-    return any(_NORMAL_STUDY_RE.search(s) for s in sentences(clean(text)))
+    """True when a sentence of `text` says the whole study is normal (`NORMAL_STUDY`)."""
+    return any(_sentence_says_normal(s) for s in sentences(clean(text)))
+
+
+@lru_cache(maxsize=1 << 16)
+def _sentence_says_normal(sent: str) -> bool:
+    return bool(_NORMAL_STUDY_RE.search(sent))
 
 
 def laterality(text: str) -> str | None:
@@ -562,7 +751,9 @@ def label_report(text: str) -> Findings:
     findings: Findings = {}
     for obs, m in best.items():
         # Severity words inside the mention ("the heart is large") name the finding, not its grade.
+        # Nor do the words of a pseudo-negation ("no significant change in the small effusion").
         clause = m.clause[: m.start] + m.clause[m.start : m.end].replace("large", "") + m.clause[m.end :]
+        clause = _mask(_PSEUDO_NEG_RE, clause)
         attrs = _attributes(obs, clause) if m.status != "negative" else {}
         findings[obs] = Finding(obs, m.status, **attrs)
     abnormal = any(f.status != "negative" for o, f in findings.items() if o != "support_devices")

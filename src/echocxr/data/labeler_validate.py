@@ -4,13 +4,18 @@ The IU MeSH `major` terms were coded by people from each report; `mesh_to_findin
 into positive findings. An observation counts as MeSH-positive when a term maps to it and as
 not-positive otherwise (MeSH codes no negatives). The labeler reads FINDINGS + IMPRESSION and
 counts as positive only its `positive` labels (uncertain ones are scored separately as a
-sensitivity check). Studies whose id ends in 0 or 1 are a held-out part that was never looked at
-while writing the rules; the rest is the tuning part.
+sensitivity check).
+
+Parts (`--split`): `heldout` is the 20% of studies whose SHA-256 bucket of the study id is below 20
+(`heldout_part`, defined on 2026-11-30 before any error of this session was read); `dev` is the rest,
+the only part whose errors are read while changing rules. Rules written before 2026-11-30 were
+written on the whole archive, so only later changes are held-out-clean (docs/LABELER.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import tarfile
@@ -23,7 +28,9 @@ from echocxr.data.mesh import mesh_to_findings
 from echocxr.data.observations import OBSERVATIONS
 from echocxr.errors import UserError
 
-HELD_OUT_DIGITS = ("0", "1")  # last digit of the IU study number
+HELD_OUT_PERCENT = 20  # share of the archive in the held-out part
+HELD_OUT_SALT = "echocxr-labeler-heldout-v1:"  # fixed: changing it redefines the held-out part
+SPLITS = ("dev", "heldout", "all")
 MIN_SUPPORT = 40  # the macro-F1 target is over observations with at least this many MeSH positives
 
 
@@ -36,7 +43,25 @@ class IUReport:
 
     @property
     def held_out(self) -> bool:
-        return self.study_id[-1] in HELD_OUT_DIGITS
+        return heldout_part(self.study_id)
+
+
+def heldout_part(study_id: str) -> bool:
+    """True for the held-out 20%: SHA-256(salt + study id) read as an integer, mod 100, < 20.
+
+    A pure function of the id ("CXR123"), so the parts are the same on every machine and run.
+    """
+    digest = hashlib.sha256((HELD_OUT_SALT + study_id).encode("utf-8")).hexdigest()
+    return int(digest, 16) % 100 < HELD_OUT_PERCENT
+
+
+def select(reports: list[IUReport], split: str) -> list[IUReport]:
+    """The reports of one part: "dev", "heldout" or "all". Raises UserError for another name."""
+    if split not in SPLITS:
+        raise UserError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split == "all":
+        return list(reports)
+    return [r for r in reports if r.held_out == (split == "heldout")]
 
 
 def _text(node: ET.Element | None) -> str:
@@ -117,24 +142,23 @@ def score(reports: list[IUReport], count_uncertain: bool = False, over: list[str
     }
 
 
-def validate(reports: list[IUReport]) -> dict:
-    """Scores on the whole archive, the tuning part and the held-out part.
+def validate(reports: list[IUReport], splits: tuple[str, ...] = SPLITS) -> dict:
+    """Scores on the parts named in `splits` ("dev", "heldout", "all").
 
-    The parts are macro-averaged over the same observations as the whole archive (support >=
-    MIN_SUPPORT there), so the three macro-F1 values are comparable.
+    Every part is macro-averaged over the same observations: those with support >= MIN_SUPPORT in
+    the whole archive given, so the values are comparable.
     """
-    tune = [r for r in reports if not r.held_out]
-    held = [r for r in reports if r.held_out]
     everything = score(reports)
     over = everything["macro_over"]
-    return {
+    result: dict = {
         "min_support": MIN_SUPPORT,
-        "held_out_rule": f"study number ends in {' or '.join(HELD_OUT_DIGITS)}",
-        "all": everything,
-        "tune": score(tune, over=over),
-        "held_out": score(held, over=over),
-        "all_positive_or_uncertain": score(reports, count_uncertain=True, over=over),
+        "held_out_rule": f"sha256({HELD_OUT_SALT!r} + study id) mod 100 < {HELD_OUT_PERCENT}",
     }
+    for part in splits:
+        result[part] = everything if part == "all" else score(select(reports, part), over=over)
+    if "all" in splits:
+        result["all_positive_or_uncertain"] = score(reports, count_uncertain=True, over=over)
+    return result
 
 
 def format_table(result: dict) -> str:
@@ -156,12 +180,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also normalize every report and count how many the Chinese renderer translates",
     )
+    parser.add_argument(
+        "--split",
+        choices=SPLITS,
+        default=None,
+        help="score only this part: dev (80%%, read while writing rules), heldout (20%% by study-id "
+        "hash, never read) or all (default: all three)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     reports = read_iu_archive(args.iu)
-    result = validate(reports)
-    for part in ("all", "tune", "held_out"):
+    parts = (args.split,) if args.split else SPLITS
+    result = validate(reports, parts)
+    for part in parts:
         print(f"== {part} ==")
         print(format_table(result[part]))
     if args.zh_coverage:

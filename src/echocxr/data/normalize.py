@@ -493,3 +493,49 @@ def normalize_report(findings: str, impression: str, labels: Findings | None = N
         ([finding_sentence(f) for f in acute] or [NO_ACUTE]) + [sentence(f) for f in chronic] + oov_i
     )
     return {"findings": " ".join(body), "impression": " ".join(impression_parts)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Consistency check (issue 14, item 11): the target must carry the source report's labels.
+
+CHANGE_KINDS: tuple[str, ...] = ("flipped", "appeared", "vanished")
+
+
+def label_changes(source: Findings, target: Findings) -> list[dict]:
+    """Observations whose status differs between the source report's labels and the labels of
+    its target text (`label_report` on the normalized English, or on a Chinese copy mapped back
+    with `zh_to_en`). One dict per change, sorted by observation:
+    `{"observation", "kind", "source", "target"}` with statuses or None.
+
+    - "flipped": labeled in both with different statuses (positive / uncertain / negative);
+    - "appeared": not labeled in the source, positive or uncertain in the target;
+    - "vanished": labeled in the source, not at all in the target.
+
+    A negative that only the target states ("No pneumothorax." for a report silent about it) is
+    not a change: the normalizer states `ALWAYS_NEGATED` on purpose. Neither is a `no_finding`
+    that the target states where the source said nothing it could label ("no_finding" positive
+    in the target, absent in the source), for the same reason.
+    """
+    changes = []
+    for obs in sorted(set(source) | set(target)):
+        a = source[obs].status if obs in source else None
+        b = target[obs].status if obs in target else None
+        if a == b:
+            continue
+        if a is None:
+            if b == "negative" or obs == "no_finding":
+                continue
+            kind = "appeared"
+        elif b is None:
+            kind = "vanished"
+        else:
+            kind = "flipped"
+        changes.append({"observation": obs, "kind": kind, "source": a, "target": b})
+    return changes
+
+
+def target_changes(source: Findings, target: dict) -> list[dict]:
+    """`label_changes` of a target `{"findings", "impression"}` in English against `source`."""
+    return label_changes(
+        source, label_report(f"{target.get('findings', '')}\n{target.get('impression', '')}")
+    )
