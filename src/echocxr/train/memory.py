@@ -15,7 +15,7 @@ and AdamW moments, all fully sharded):
 
 Not counted: the CUDA context and allocator fragmentation (often 1-3 GB), communication buffers,
 the vision tower's activations (frozen in RAD and DCD: computed without a graph), and the DCD
-teacher's copy (an extra 2P bytes in bf16 on every GPU when it is a separate model).
+teacher's unsharded copy (an extra 4P bytes in fp32, 2P in bf16, on every GPU).
 
 The activation count is measured, not taken from a paper: the bytes of the tensors autograd saves
 in one `DecoderLayer` forward in bf16 (SDPA, no S x S matrix) fit 20H + 4K + 8F + 4D + 32 per token
