@@ -462,7 +462,10 @@ class DCDStage:
         self.collect_stats.append(
             {"round": round_idx, "by": "student" if use_student else "teacher", **stats}
         )
-        print(f"dcd round {round_idx}: " + " ".join(f"{k}={v}" for k, v in self.collect_stats[-1].items()))
+        if self.rank == 0:
+            print(
+                f"dcd round {round_idx}: " + " ".join(f"{k}={v}" for k, v in self.collect_stats[-1].items())
+            )
 
     def loss(self, model: EchoVLM, batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         if self.cfg.objective == "onestep-ft":
