@@ -322,6 +322,28 @@ def test_phase1_rollouts_from_the_block_decoder_match_phase2_inputs(tiny):
     torch.testing.assert_close(got, t.top_p[first], atol=2e-4, rtol=1e-3)
 
 
+def test_rollouts_shared_out_across_ranks_equal_one_rank(tiny):
+    """Under DDP/FSDP rank r decodes studies r, r + world, ...: the shares of two ranks together are
+    the rollouts one process decodes, each study once (collect_rollouts then exchanges them)."""
+    from echocxr.train.dcd import DCDConfig, decode_share
+
+    model, tok, proc, cfg = tiny
+    rng = np.random.default_rng(5)
+    exs = [
+        Example([Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8))], "en", None, f"s{i}")
+        for i in range(5)
+    ]
+    dcfg = DCDConfig(block_size=4, top_k=8, max_new_tokens=8, collect_batch=2)
+    whole, looped, _ = decode_share(model, exs, range(5), tok, proc, dcfg)
+    shares = [decode_share(model, exs, range(r, 5, 2), tok, proc, dcfg) for r in (0, 1)]
+    assert [r.example for r in shares[0][0]] == [i for i in (0, 2, 4) if i in {w.example for w in whole}]
+    merged = sorted(shares[0][0] + shares[1][0], key=lambda r: r.example)
+    assert shares[0][1] + shares[1][1] == looped
+    assert [r.example for r in merged] == [r.example for r in whole]
+    for a, b in zip(merged, whole, strict=True):
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.step, b.step)
+
+
 def _corpus(tmp_path):
     from echocxr.data.records import Record, write_jsonl
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from echocxr.batch import Example, collate
 from echocxr.cli import main
 from echocxr.data.records import Record, write_jsonl
+from echocxr.errors import UserError
 from echocxr.model.config import get_preset
 from echocxr.model.image_processing import make_image_processor
 from echocxr.model.tokenizer import train_bpe
@@ -235,6 +236,18 @@ def test_user_errors(corpus, tmp_path, capsys):
     assert "pass --resume" in capsys.readouterr().err
     assert train_cli(corpus, tmp_path / "e", "--steps", 3, "--batch-size", 4, "--resume") == 2
     assert "batch_size: 2 -> 4" in capsys.readouterr().err
+    # --fsdp outside torchrun, and with LoRA, are one-line errors
+    assert train_cli(corpus, tmp_path / "e", *args, "--resume", "--fsdp") == 2
+    assert "--fsdp needs torchrun" in capsys.readouterr().err
+    assert train_cli(corpus, tmp_path / "f", "--steps", 1, "--fsdp", "--lora-rank", 4) == 2
+    assert "train LoRA adapters without it" in capsys.readouterr().err
+
+
+def test_resume_must_repeat_fsdp(tmp_path):
+    base = {k: 1 for k in loop.RESUME_KEYS if k != "fsdp"}
+    loop.check_resumable(base, {**base, "fsdp": False}, tmp_path)  # saved before the key existed
+    with pytest.raises(UserError, match="fsdp: False -> True"):
+        loop.check_resumable(base, {**base, "fsdp": True}, tmp_path)
 
 
 def test_rad_and_dcd_resume_exactly(corpus, tmp_path, monkeypatch):

@@ -329,12 +329,32 @@ def collect_rollouts(
     decodes studies r, r + world, ... and the rollouts are then exchanged, so every rank ends with
     the same list (in study order) and no study is decoded twice. `decoder` must not be sharded:
     ranks run different numbers of forwards."""
+    rollouts, looped, unfinished = decode_share(
+        decoder, examples, range(rank, len(examples), world), tokenizer, processor, cfg
+    )
+    if world > 1:
+        import torch.distributed as dist
+
+        parts: list = [None] * world
+        dist.all_gather_object(parts, (rollouts, looped, unfinished))
+        rollouts = sorted((r for p in parts for r in p[0]), key=lambda r: r.example)
+        looped, unfinished = sum(p[1] for p in parts), sum(p[2] for p in parts)
+    stats = {"rollouts": len(rollouts), "discarded_loops": looped, "unfinished": unfinished}
+    return rollouts, stats
+
+
+@torch.no_grad()
+def decode_share(
+    decoder: EchoVLM, examples: list, indices, tokenizer, processor, cfg: DCDConfig
+) -> tuple[list, int, int]:
+    """Decode the studies `examples[i] for i in indices` (one rank's share) in batches of
+    cfg.collect_batch -> (rollouts kept, rollouts dropped as loops, rollouts without an EOS)."""
     from echocxr.batch import Example, collate
 
     was_training = decoder.training
     decoder.eval()
     eos, tpi = decoder.special.eos, decoder.config.image_tokens
-    mine = list(range(rank, len(examples), world))
+    mine = list(indices)
     rollouts, looped, unfinished = [], 0, 0
     n_tokens = -(-cfg.max_new_tokens // cfg.block_size) * cfg.block_size
     for i in range(0, len(mine), cfg.collect_batch):
@@ -363,15 +383,7 @@ def collect_rollouts(
             unfinished += int(not tokens or tokens[-1] != eos)
             rollouts.append(_rollout(j, tokens, traj, cfg.block_size, cfg.top_k, eos))
     decoder.train(was_training)
-    if world > 1:
-        import torch.distributed as dist
-
-        parts: list = [None] * world
-        dist.all_gather_object(parts, (rollouts, looped, unfinished))
-        rollouts = sorted((r for p in parts for r in p[0]), key=lambda r: r.example)
-        looped, unfinished = sum(p[1] for p in parts), sum(p[2] for p in parts)
-    stats = {"rollouts": len(rollouts), "discarded_loops": looped, "unfinished": unfinished}
-    return rollouts, stats
+    return rollouts, looped, unfinished
 
 
 # -- the stage (the shared training loop calls loss / on_round_start) -------------------------------
@@ -450,7 +462,10 @@ class DCDStage:
         self.collect_stats.append(
             {"round": round_idx, "by": "student" if use_student else "teacher", **stats}
         )
-        print(f"dcd round {round_idx}: " + " ".join(f"{k}={v}" for k, v in self.collect_stats[-1].items()))
+        if self.rank == 0:
+            print(
+                f"dcd round {round_idx}: " + " ".join(f"{k}={v}" for k, v in self.collect_stats[-1].items())
+            )
 
     def loss(self, model: EchoVLM, batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         if self.cfg.objective == "onestep-ft":

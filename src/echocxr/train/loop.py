@@ -3,7 +3,8 @@
 A stage object supplies the objective: `name`, `multiple_of` (response padding), `freeze_vision`,
 `loss(model, batch, step) -> (loss, logs)`, `state_dict()` / `load_state_dict()` and
 `checkpoint_meta`; optionally `uses_loop_batches = False` when it draws its own batches (DCD
-trains on teacher rollouts and reads only `batch.size`).
+trains on teacher rollouts and reads only `batch.size`) and `set_distributed(rank, world)` when it
+shares work of its own out across processes (DCD's rollouts).
 
 The loop: AdamW with linear warmup and cosine decay, gradient accumulation, clipping, bf16
 autocast on CUDA (fp32 master weights), DDP or FSDP2 through torchrun, per-layer activation
