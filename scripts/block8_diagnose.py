@@ -1,7 +1,7 @@
 """Block-8 diagnostics behind docs/RAD.md, "Block 8" (a diagnostic script, not part of the package).
 
     python scripts/block8_diagnose.py tf    CKPT EVAL_JSONL   # teacher-forced accuracy by mask count
-    python scripts/block8_diagnose.py trace CKPT EVAL_JSONL   # K=2 vs K=8: first diverging block, steps
+    python scripts/block8_diagnose.py trace CKPT EVAL_JSONL [RULE]   # K=2 vs K=8: first diverging block
     python scripts/block8_diagnose.py ref   CKPT EVAL_JSONL   # cached vs uncached decoder at K=8
     python scripts/block8_diagnose.py eval  CKPT EVAL_JSONL OUT RULE:K ...   # echocxr eval per rule
     python scripts/block8_diagnose.py table LABEL=EVAL_DIR ...               # markdown table
@@ -114,11 +114,13 @@ def teacher_forced(ckpt: str, corpus: str) -> None:
         print(n, " ".join(f"{h / c:.3f}" for h, c in zip(hit, cnt)), f"{hit.sum() / cnt.sum():.3f}")
 
 
-def trace(ckpt: str, corpus: str, rows_shown: int = 3) -> None:
-    """Decode with K=2 and K=8; for the first rows that differ, the steps of their first
-    diverging block (positions, tokens, confidences)."""
+def trace(ckpt: str, corpus: str, rule: str = "window", rows_shown: int = 3) -> None:
+    """Decode with K=2 and K=8 (RULE: see the module docstring); for the first rows that differ,
+    the steps of their first diverging block (positions, tokens, confidences)."""
     from echocxr.decode import block
     from echocxr.decode.api import DecodeConfig
+
+    block.choose = RULES.get(rule, block.choose)
 
     model, tok, batches = load(ckpt, corpus)
     mx = model.config.max_response_tokens
