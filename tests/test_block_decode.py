@@ -67,10 +67,16 @@ STRATEGIES = ["confidence_dynamic", "confidence_static", "sequential"]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_cached_equals_uncached_reference(tiny, strategy):
+@pytest.mark.parametrize(("block", "steps"), [(4, 2), (8, 8)])  # (8, 8): the DCD teacher's setting
+def test_cached_equals_uncached_reference(tiny, strategy, block, steps):
     model, _, _, _, batch, _ = tiny
     dc = DecodeConfig(
-        decoder="block", max_new_tokens=32, block_size=4, steps=2, strategy=strategy, threshold=0.3
+        decoder="block",
+        max_new_tokens=32 if block == 4 else 16,  # 8 blocks of 4 / 2 blocks of 8 (time)
+        block_size=block,
+        steps=steps,
+        strategy=strategy,
+        threshold=0.3,
     )
     fast = generate(model, batch, dc)
     slow = generate(model, batch, dc, reference=True)

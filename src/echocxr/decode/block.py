@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from echocxr.model import denoise
-from echocxr.model.denoise import StepRecord, Trajectory, choose  # noqa: F401 (public here)
+from echocxr.model.denoise import WINDOW, StepRecord, Trajectory, choose  # noqa: F401 (public here)
 from echocxr.model.layout import AR_SHIFT
 
 if TYPE_CHECKING:

@@ -17,7 +17,8 @@ ceil(m / k), so every block is finished within K steps:
 - confidence_static:  commit the scheduled count, most confident first (confidence = probability
                       of the sampled token under the sampling distribution);
 - confidence_dynamic: commit every masked position whose confidence exceeds `threshold`, and
-                      at least the scheduled count;
+                      at least the scheduled count n, most confident first among the 2n
+                      leftmost masked positions (`WINDOW`, see `choose`);
 - sequential:         commit the scheduled count, leftmost first (steps == B: one token per step).
 
 A row stops after the block that holds its first EOS; its later blocks are filled with EOS and it
@@ -226,17 +227,37 @@ class StepRecord:
 Trajectory = list[list[list[StepRecord]]]
 
 
+# confidence_dynamic: below the threshold, the scheduled count n is taken from the WINDOW * n
+# leftmost masked positions only (docs/RAD.md, "Block 8"). 2 keeps K = 2 at B = 8 unchanged (the
+# first step's window is the whole block) and at K = B lets a step choose between the next two.
+WINDOW = 2
+
+
 def choose(conf: torch.Tensor, masked: torch.Tensor, steps_left: int, strategy: str, threshold: float):
-    """Which masked positions to commit now. conf, masked [rows, B] -> bool [rows, B]."""
+    """Which masked positions to commit now. conf, masked [rows, B] -> bool [rows, B].
+
+    confidence_dynamic commits every masked position above `threshold`, anywhere in the block,
+    and fills the rest of the scheduled count n = ceil(m / steps_left) most confident first among
+    the WINDOW * n leftmost masked positions only. Without the window, a step in which nothing
+    is confident commits the block's most confident position, and at B = 8 that is typically a
+    filler token far to the right (" the" at position 5 with probability 0.3) whose marginal pools
+    many report templates; every later step then fills the block around it, so the first content
+    word is chosen to fit the filler, not the image: the block-8 teacher degraded from K = 2 to
+    K = 8 (docs/RAD.md, "Block 8")."""
     B = masked.shape[1]
     m = masked.sum(1)
     n = -(-m // steps_left)  # the scheduled count: ceil(m / steps_left), 0 for finished rows
     if strategy == "sequential":
         score = -torch.arange(B, device=conf.device, dtype=conf.dtype).expand_as(conf)
+    elif strategy == "confidence_dynamic":
+        above = (conf > threshold) & masked
+        left_rank = masked.long().cumsum(1) - 1  # 0 for the leftmost masked position
+        in_window = masked & (left_rank < WINDOW * n[:, None])
+        # confidences are in [0, 1]: above-threshold positions first, then the window by confidence
+        score = torch.where(above, 2.0, torch.where(in_window, conf, -1.0))
+        n = torch.maximum(n, above.sum(1))
     else:
         score = conf
-        if strategy == "confidence_dynamic":
-            n = torch.maximum(n, ((conf > threshold) & masked).sum(1))
     score = score.masked_fill(~masked, float("-inf"))
     order = score.argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(B, device=conf.device).expand_as(order))
