@@ -8,7 +8,8 @@ without their parser, with the trigger conventions of NegEx (Chapman et al. 2001
    "however", "although", "which", ...; ConText's terminators).
 2. Mentions: each observation has a table of regular expressions (`MENTIONS`); a hit is a mention.
    `NORMAL_STATEMENTS` are whole phrases that deny an observation ("heart size is normal").
-   "line" is a device only in device context (`_DEVICE_LINE`).
+   "line" is a device only in device context (`_DEVICE_LINE`). A mention after a hypothetical
+   trigger (`HYPOTHETICAL`: "if", "to identify", "detecting"; ConText) gets no label at all.
 3. Explanations: "X represents / is due to / is consistent with Y" splits the clause; X is judged
    on the words before the verb, and is dropped when Y is a benign look-alike (`BENIGN_CAUSES`:
    nipple shadow, overlapping soft tissue, technique, ...).
