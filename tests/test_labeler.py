@@ -145,10 +145,10 @@ def test_macro_f1_on_real_archive(iu_archive):
     reports = read_iu_archive(iu_archive)
     res = validate(reports)
     assert len(reports) > res["all"]["studies"] > 3000  # unindexed studies are not scored
-    # Issue 14 target: >= 0.88 on the archive (measured 0.905 on 2026-11-30, docs/LABELER.md). The
-    # held-out 20% (never read while writing rules since 2026-11-30) measured 0.870; its floor is
-    # lower because 17 macro-averaged classes with 6-90 positives each move by a few points.
-    assert res["all"]["macro_f1"] >= 0.88
-    assert res["dev"]["macro_f1"] >= 0.88
-    assert res["heldout"]["macro_f1"] >= 0.85
+    # Issue 14 target: >= 0.88 on the archive. Measured 2026-11-30 with the second-round rules
+    # (docs/LABELER.md section 2): all 0.909, dev 0.915, held-out 0.873 (the 20% never read while
+    # writing rules; below the 0.88 target, see the docs). Floors: measured less a small margin.
+    assert res["all"]["macro_f1"] >= 0.90
+    assert res["dev"]["macro_f1"] >= 0.91
+    assert res["heldout"]["macro_f1"] >= 0.865
     assert score(reports[:50])["studies"] == sum(has_codes(r) for r in reports[:50])

@@ -8,7 +8,8 @@ without their parser, with the trigger conventions of NegEx (Chapman et al. 2001
    "however", "although", "which", ...; ConText's terminators).
 2. Mentions: each observation has a table of regular expressions (`MENTIONS`); a hit is a mention.
    `NORMAL_STATEMENTS` are whole phrases that deny an observation ("heart size is normal").
-   "line" is a device only in device context (`_DEVICE_LINE`).
+   "line" is a device only in device context (`_DEVICE_LINE`). A mention after a hypothetical
+   trigger (`HYPOTHETICAL`: "if", "to identify", "detecting"; ConText) gets no label at all.
 3. Explanations: "X represents / is due to / is consistent with Y" splits the clause; X is judged
    on the words before the verb, and is dropped when Y is a benign look-alike (`BENIGN_CAUSES`:
    nipple shadow, overlapping soft tissue, technique, ...).
@@ -144,6 +145,13 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         r"\btip\b(?: [\w-]+){0,6}? (?:svc|cavoatrial|caval ?atrial|superior vena|right atri\w+)|xxxx-a-xxxx",
         r"\bstents?\b|stimulator|loop recorder|\bleads?\b|medical device|"
         r"shunt tubing|gastrostomy|nephrostomy|\btips\b|closure device|support devices?",
+        # prosthetic heart valves and joint prostheses are support devices (the CheXpert labeler's
+        # support-device mentions include "valve" and "arthroplasty"); the IU coders write
+        # `Implanted Medical Device/aortic valve` or `/humerus`. Breast prostheses are blanked.
+        r"(?:prosthetic|replaced|mechanical|bioprosthetic|artificial) (?:\w+ ){0,2}valves?|"
+        r"valves? (?:replacement|prosthes\w+)|septal occluder|"
+        r"(?:humeral|humerus|shoulder|hip|knee|joint|head) (?:\w+ )?(?:prosthes[ie]s|arthroplast\w+)|"
+        r"prosthetic (?:\w+ ){0,2}(?:humeral|humerus|shoulder|joint)|arthroplast\w+",
     ),
     "calcified_granuloma": (
         r"granulomas?",
@@ -277,6 +285,16 @@ _NOT_MENTIONS: tuple[str, ...] = (
     r"tortuous (?:\w+ )?(?:trachea|vessels?|vasculature|artery|arteries|brachiocephalic)",
     r"tortuosity of the (?:\w+ )?(?:trachea|vessels?|brachiocephalic|great vessels)",
     r"bony lesions?",
+    # a lesion of a bone is no lung lesion: "expansile lesion of the right posterior 9th rib",
+    # "sclerotic lesion in the left proximal clavicle", "lytic rib lesions"
+    r"(?:sclerotic|lytic|blastic|expansile|destructive|osseous|skeletal|bone|rib|clavic\w*|vertebral|"
+    r"spin\w+|humeral|scapular|sternal) (?:\w+ )?lesions?|"
+    r"lesions? (?:\w+ )?(?:of|in|involving|within) the (?:\w+ ){0,3}(?:ribs?|clavicles?|vertebra\w*|"
+    r"vertebral body|spine|humer\w*|scapula|sternum|bones?)\b",
+    r"breast (?:prosthes[ie]s|implants?)",
+    # hernias other than hiatal: "Bochdalek hernia", "Morgagni hernia", "small hernia (Bochdalek)"
+    r"(?:bochdalek|morgagni|diaphragmatic|ventral|inguinal|umbilical|incisional|abdominal wall|"
+    r"parastomal|lung|pulmonary) hernias?|hernias?,? \(?(?:bochdalek|morgagni)\b",
     # a broken device part is not a bone fracture (only the word "fracture" is blanked)
     r"fractur\w*(?= (?:\w+ ){0,3}(?:leads?|wires?|xxxx|screws?|catheters?|hardware|plates?|rods?))|"
     r"(?:catheter|screw|hardware|plate|rod|wire|lead)s? (?:is |are |was |were |has been )?fractur\w*",
@@ -347,6 +365,9 @@ PSEUDO_NEG = (
     rf"\bnot\b(?: (?:been|{_CHANGE_QUALIFIERS}))* (?:changed|worse|worsened|progressed|grown|different)\b",
     r"\bno (?:worse|bigger|larger)\b",
     r"\bnot only\b|\bnot otherwise\b",
+    # "not well seen / not as well demonstrated / not fully evaluated": seen poorly, not absent
+    r"\bnot (?:as |so |very )?(?:well|optimally|completely|fully)\b(?= (?:seen|demonstrated|"
+    r"visuali[sz]ed|evaluated|appreciated|assessed|identified|imaged|delineated|defined)\b)",
 )
 # Negation and hedges against a finding. Forward triggers (NegEx "pre-negation"; CheXpert
 # "negation" rules, Irvin et al. 2019) negate mentions after them in their scope; `POST_NEG` ones
@@ -431,6 +452,17 @@ FWD_UNCERTAIN = (
     r"\bpossib\w+",
     r"\bprobable\b",
     r"differential",  # "most suggestive of edema, differential includes infection"
+)
+# Hypothetical mentions (ConText's "hypothetical" category, Harkema et al. 2009): a finding named as
+# the object of a search or a condition ("CT is more sensitive in detecting small nodules", "if
+# there is concern for fracture, consider rib films", "further evaluation ... to identify a small
+# nodule") is said of no patient, so a mention after one of these in its clause gets no label at
+# all: neither present nor denied. "if any" hedges a grade ("small, if any, effusion"), not a search.
+HYPOTHETICAL = (
+    r"\bif\b(?!,? any\b)",
+    r"\bto (?:identify|detect|confirm|localize|search for|screen for)\b",
+    r"\bdetect(?:ing|ion of)\b",
+    r"\bsensitive (?:in|for|to)\b",
 )
 # Words that end a negation scope inside a sentence.
 _SCOPE_BREAK = re.compile(
@@ -563,6 +595,8 @@ _PSEUDO_NEG_RE = _compile(PSEUDO_NEG)
 _POST_NEG_RE = re.compile(r"^\s*(?:[\w/-]+ ){0,4}?(?:" + "|".join(f"(?:{p})" for p in POST_NEG) + ")")
 _UNCERTAIN_RE = _compile(UNCERTAIN)
 _FWD_UNCERTAIN_RE = _compile(FWD_UNCERTAIN)
+_HYPOTHETICAL_RE = _compile(HYPOTHETICAL)
+_IF_RE = re.compile(HYPOTHETICAL[0])
 _SEVERITY_RE = [(re.compile(p), s) for p, s in _SEVERITY]
 _ZONE_RE = [(re.compile(p), z) for p, z in _ZONES]
 _SUBTYPE_RE = {o: [(re.compile(p), s) for p, s in t] for o, t in _SUBTYPES.items()}
@@ -680,6 +714,7 @@ def mentions(text: str) -> list[Mention]:
 @lru_cache(maxsize=1 << 16)
 def _sentence_mentions(sent: str) -> tuple[Mention, ...]:
     found: list[Mention] = []
+    conditional = False  # an "if" earlier in the sentence: its scope crosses "there is"
     for clause in clauses(sent):
         blanked = _NOT_MENTION_RE.sub(lambda m: " " * len(m.group()), clause)
         # the benign cause is searched in the unblanked clause: "nipple shadow" is blanked
@@ -689,6 +724,8 @@ def _sentence_mentions(sent: str) -> tuple[Mention, ...]:
             if obs in _CONTEXT_RE and not _CONTEXT_RE[obs].search(sent):
                 continue
             for m in rx.finditer(blanked):
+                if conditional or _HYPOTHETICAL_RE.search(clause[: m.start()]):
+                    continue  # a search or a condition, said of no patient
                 if m.end() <= cut:
                     if explanation and explained_away(obs, explanation):
                         continue
@@ -696,6 +733,7 @@ def _sentence_mentions(sent: str) -> tuple[Mention, ...]:
                 else:
                     st = _status(clause, m.start(), m.end())
                 found.append(Mention(obs, st, clause, m.start(), m.end()))
+        conditional = conditional or bool(_IF_RE.search(clause))
     for obs, rx in _NORMAL_RE.items():
         for m in rx.finditer(sent):
             found.append(Mention(obs, "negative", sent, m.start(), m.end()))
