@@ -3,34 +3,51 @@
 `study_images` is what datasets and decoders call. Evaluation passes `epoch=None` and gets the same
 phantom for a (study, seed, view) every time; training passes the epoch, so each epoch draws fresh
 nuisance variation (position, exposure, habitus, noise) without storing images on disk.
+
+Every real radiograph reaches the model the same way: `load_image` (a file) or `load_image_bytes`
+(an upload) decodes it to grayscale, then `prepare_image` pads it to the model's square input.
+Training, evaluation, `echocxr generate`, the pipeline's real-image reports and servers all use
+these; docs/IMAGES.md states the rules.
 """
 
 from __future__ import annotations
 
+import io
+import math
 import os
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from echocxr.errors import UserError
 
 IMAGE_SOURCES: tuple[str, ...] = ("auto", "real", "phantom")
 _DICOM_SUFFIXES = (".dcm", ".dicom")
 
+# Smallest side and largest aspect ratio accepted for a radiograph. A side under 28 px (one merged
+# 2x2 patch of 14 px, i.e. one vision token of the Qwen2-VL processor) or a strip longer than 10:1
+# (after padding to a square, under a tenth of the model's input would be image) is almost surely the
+# wrong file, and a report written from it would mean nothing: the loader refuses it by name.
+MIN_SIDE = 28
+MAX_ASPECT = 10.0
+# The window used when a DICOM states none (or states one that cannot be used): the 0.5th and 99.5th
+# percentiles of the stored values, since raw detector ranges are far wider than the anatomy's.
+PERCENTILE_WINDOW = (0.5, 99.5)
+
 # Record view spellings -> the renderer's two views.
 _VIEW = {"pa": "frontal", "ap": "frontal", "frontal": "frontal", "lateral": "lateral", "ll": "lateral"}
 
 
-def _is_dicom(path: Path) -> bool:
-    if path.suffix.lower() in _DICOM_SUFFIXES:
-        return True
-    try:
-        with path.open("rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return head[128:132] == b"DICM"
+class ImageWarning(UserWarning):
+    """A file was read through a documented fallback (unusable DICOM window or rescale values,
+    extra frames ignored). The message names the file and the fallback."""
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())  # library messages can span lines; UserError is one line
 
 
 def _to_uint8(pixels: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -38,61 +55,192 @@ def _to_uint8(pixels: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.clip(scaled, 0, 255).round().astype(np.uint8)
 
 
-def _load_dicom(path: Path) -> Image.Image:
+def _percentile_window(pixels: np.ndarray) -> tuple[float, float]:
+    lo, hi = (float(x) for x in np.percentile(pixels, PERCENTILE_WINDOW))
+    if hi <= lo:  # mostly one value: the full range keeps the rest visible
+        lo, hi = float(pixels.min()), float(pixels.max())
+    return lo, hi
+
+
+def _dicom_number(ds, keyword: str) -> tuple[bool, float | None, str]:
+    """(present, value, text) of a DS/IS element: value is the first of several, None when the
+    element is empty, non-numeric or not finite; text is what the file holds, for messages."""
+    if keyword not in ds:
+        return False, None, ""
+    try:
+        value = ds[keyword].value
+    except ValueError:  # pydicom set to raise on invalid values converts on access
+        value = ds.get_item(keyword).value
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if isinstance(value, str):
+        text = value.strip()
+        value = value.split("\\")[0]
+    elif isinstance(value, Sequence):  # multi-valued: the first (PS3.3 C.11.2.1.2)
+        text = "\\".join(str(v) for v in value)
+        value = value[0] if len(value) else None
+    else:
+        text = str(value)
+    try:
+        number = float(str(value).strip()) if value is not None else math.nan
+    except ValueError:
+        number = math.nan
+    return True, (number if math.isfinite(number) else None), text
+
+
+def _dicom_gray(ds, raw: np.ndarray, name: str) -> np.ndarray:
+    """Stored values [H, W] -> display values uint8 [H, W]: rescale (modality LUT), window (VOI),
+    MONOCHROME1 inversion. Unusable window or rescale values -> percentile window, one warning."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    values = {
+        kw: _dicom_number(ds, kw)
+        for kw in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth")
+    }
+    problems = [f"{kw} {text!r}" for kw, (present, v, text) in values.items() if present and v is None]
+    slope, intercept = values["RescaleSlope"][1], values["RescaleIntercept"][1]
+    center, width = values["WindowCenter"][1], values["WindowWidth"][1]
+    if slope == 0:
+        problems.append("RescaleSlope 0")
+    if values["WindowCenter"][0] != values["WindowWidth"][0]:
+        problems.append(
+            "a window centre without a width"
+            if values["WindowCenter"][0]
+            else "a window width without a centre"
+        )
+    if width is not None and width < 1:  # PS3.3 C.11.2.1.2.1: Window Width >= 1
+        problems.append(f"WindowWidth {values['WindowWidth'][2]!r} below 1")
+    if problems:
+        # Window values are in rescaled units, so neither can be trusted without the other.
+        lo_pct, hi_pct = PERCENTILE_WINDOW
+        warnings.warn(
+            f"{name}: unusable {', '.join(problems)}; using the {lo_pct:g}-{hi_pct:g} percentile window "
+            "of the stored values",
+            ImageWarning,
+            stacklevel=4,
+        )
+        pixels = raw.astype(np.float64)
+        lo, hi = _percentile_window(pixels)
+    else:
+        if values["RescaleSlope"][0] or values["RescaleIntercept"][0]:
+            pixels = raw.astype(np.float64) * (1.0 if slope is None else slope) + (intercept or 0.0)
+        else:  # a Modality LUT Sequence, or nothing (identity)
+            pixels = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
+        if center is not None and width is not None:
+            lo, hi = center - width / 2, center + width / 2
+        elif "VOILUTSequence" in ds:
+            pixels = np.asarray(apply_voi_lut(pixels, ds), dtype=np.float64)
+            lo, hi = float(pixels.min()), float(pixels.max())
+        else:
+            lo, hi = _percentile_window(pixels)
+    img = _to_uint8(pixels, lo, hi)
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        img = 255 - img  # MONOCHROME1 stores bright air: invert so bone is bright as usual
+    return img
+
+
+def _decode_dicom(src, name: str) -> Image.Image:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(path)
+        ds = pydicom.dcmread(src)
+        _, frames, _ = _dicom_number(ds, "NumberOfFrames")
+        if frames is not None and frames > 1:
+            ds.pixel_array_options(index=0)  # decode only the first frame
         raw = ds.pixel_array
-    except (InvalidDicomError, AttributeError, KeyError, ValueError, OSError, RuntimeError, TypeError) as e:
-        raise UserError(f"{path}: unreadable DICOM ({e})") from None
-    if raw.ndim == 3 and raw.shape[-1] not in (3, 4):
-        raw = raw[0]  # a multi-frame file: the first frame
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except (
+        InvalidDicomError,
+        AttributeError,
+        KeyError,
+        ValueError,
+        OSError,
+        RuntimeError,
+        TypeError,
+        NotImplementedError,
+    ) as e:
+        raise UserError(f"{name}: unreadable DICOM ({_one_line(e)})") from None
+    if frames is not None and frames > 1:
+        warnings.warn(f"{name}: {int(frames)} frames; using the first", ImageWarning, stacklevel=3)
+    if int(ds.get("SamplesPerPixel", 1) or 1) > 1:  # colour (secondary capture): no VOI windowing
+        rgb = raw[..., :3]
+        if rgb.dtype != np.uint8:
+            rgb = _to_uint8(rgb, float(rgb.min()), float(rgb.max()))
+        return Image.fromarray(rgb).convert("L")
+    return Image.fromarray(_dicom_gray(ds, raw, name))
 
-    pixels = apply_modality_lut(raw, ds).astype(np.float64)
-    # Windowing: the file's window centre/width (the first, when several are listed) or its VOI
-    # LUT when it has one, else a robust 0.5-99.5 percentile window (raw detector ranges are far
-    # wider than the anatomy's).
-    if "WindowCenter" in ds and "WindowWidth" in ds:
-        center = float(np.ravel([ds.WindowCenter])[0])
-        width = max(float(np.ravel([ds.WindowWidth])[0]), 1.0)
-        lo, hi = center - width / 2, center + width / 2
-    elif "VOILUTSequence" in ds:
-        pixels = apply_voi_lut(apply_modality_lut(raw, ds), ds).astype(np.float64)
-        lo, hi = float(pixels.min()), float(pixels.max())
-    else:
-        lo, hi = (float(x) for x in np.percentile(pixels, (0.5, 99.5)))
-    img = _to_uint8(pixels, lo, hi)
-    if img.ndim == 3:
-        return Image.fromarray(img[..., :3]).convert("L")
-    if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        img = 255 - img  # MONOCHROME1 stores bright air: invert so bone is bright as usual
-    return Image.fromarray(img)
+
+def _to_gray(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> "L": 16-bit and float scaled from their own min/max; transparency
+    composited onto black (the film's background, as the padding); palettes through their colours."""
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        return Image.fromarray(_to_uint8(arr, float(arr.min()), float(arr.max())))
+    if im.has_transparency_data:
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im.convert("RGBA"))
+    return im if im.mode == "L" else im.convert("L")
+
+
+def _decode_pil(src, name: str) -> Image.Image:
+    try:
+        with Image.open(src) as im:
+            im.load()  # decode now so truncated or corrupt files fail here, not later
+            # Cameras and some scanners store pixels unrotated plus an EXIF Orientation tag.
+            return _to_gray(ImageOps.exif_transpose(im))
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"{name}: unreadable or corrupt image ({_one_line(e)})") from None
+
+
+def _check_size(img: Image.Image, name: str) -> Image.Image:
+    w, h = img.size
+    if min(w, h) < MIN_SIDE:
+        raise UserError(
+            f"{name}: {w}x{h} px is too small for a radiograph (each side must be at least {MIN_SIDE} px)"
+        )
+    if max(w, h) / min(w, h) > MAX_ASPECT:
+        raise UserError(
+            f"{name}: {w}x{h} px is a {max(w, h) / min(w, h):.0f}:1 strip, not a radiograph "
+            f"(the aspect ratio must be at most {MAX_ASPECT:g}:1)"
+        )
+    return img
+
+
+def _is_dicom(name: str, head: bytes) -> bool:
+    return Path(name).suffix.lower() in _DICOM_SUFFIXES or head[128:132] == b"DICM"
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """A grayscale ("L") image from PNG, JPEG or DICOM; `UserError` naming the file when it
-    is missing, unreadable or corrupt."""
+    """A grayscale ("L") image at the file's own size from PNG, JPEG or DICOM (any transfer syntax
+    pydicom and the pylibjpeg plugins decode); EXIF orientation applied.
+
+    Raises `UserError` naming the file when it is missing, unreadable, corrupt, smaller than
+    MIN_SIDE px or longer than MAX_ASPECT:1. Warns (`ImageWarning`) when a DICOM's window or
+    rescale values are unusable (percentile window instead) or it holds several frames (the first).
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: image file not found")
-    if _is_dicom(path):
-        return _load_dicom(path)
     try:
-        with Image.open(path) as im:
-            im.load()  # decode now so truncated or corrupt files fail here, not later
-            if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-                arr = np.asarray(im, dtype=np.float64)
-                return Image.fromarray(_to_uint8(arr, float(arr.min()), float(arr.max())))
-            return im.convert("L")
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        raise UserError(f"{path}: unreadable or corrupt image ({e})") from None
+        with path.open("rb") as f:
+            head = f.read(132)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the file ({_one_line(e)})") from None
+    img = _decode_dicom(path, str(path)) if _is_dicom(str(path), head) else _decode_pil(path, str(path))
+    return _check_size(img, str(path))
+
+
+def load_image_bytes(data: bytes, name: str) -> Image.Image:
+    """`load_image` for bytes already in memory (an upload): same formats, checks and warnings;
+    `name` (the upload's file name) picks DICOM by suffix or preamble and names it in errors."""
+    if not data:
+        raise UserError(f"{name}: empty file")
+    src = io.BytesIO(data)
+    img = _decode_dicom(src, name) if _is_dicom(name, data[:132]) else _decode_pil(src, name)
+    return _check_size(img, name)
 
 
 def fit_square(img: Image.Image, size: int) -> Image.Image:
-    """Resize keeping the aspect ratio, padding with black (the film's own background)."""
+    """Resize keeping the aspect ratio (longer side -> size, bilinear), centred on black."""
     w, h = img.size
     scale = size / max(w, h)
     nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
@@ -102,6 +250,20 @@ def fit_square(img: Image.Image, size: int) -> Image.Image:
     out = Image.new("L", (size, size), 0)
     out.paste(resized, ((size - nw) // 2, (size - nh) // 2))
     return out
+
+
+def prepare_image(img: Image.Image, size: int) -> Image.Image:
+    """The one preprocessing step from a decoded radiograph to the model's input: grayscale ("L"),
+    longer side scaled to `size` px (aspect ratio kept, bilinear with antialiasing), centred on a
+    black size x size square (pad, never stretch or crop). Used by training and evaluation (through
+    `study_images`), `echocxr generate`, the pipeline's real-image reports and servers; the image
+    processor then maps the square to the preset's image_size (docs/IMAGES.md).
+
+    Raises ValueError when size < 1.
+    """
+    if size < 1:
+        raise ValueError(f"size must be at least 1, not {size}")
+    return fit_square(_to_gray(img), size)
 
 
 def _resolve_path(p: str, root: Path | None) -> Path:
@@ -167,7 +329,7 @@ def study_images(
     if source != "phantom":
         paths = _real_paths(record, views, root_path)
         if paths is not None:
-            return [fit_square(load_image(p), size) for p in paths]
+            return [prepare_image(load_image(p), size) for p in paths]
         if source == "real":
             listed = ", ".join(str(_resolve_path(r.path, root_path)) for r in record.images) or "none listed"
             raise UserError(f"{record.study_id}: no image file for views {list(views)} ({listed})")
