@@ -112,10 +112,14 @@ class ReportBackend:
         return value if value in ("real", "phantom") else "unknown"
 
     def example(self, images, language: str):
-        """PIL images of one study -> the model's input for it (fixed instruction, EN or ZH)."""
+        """Decoded images of one study -> the model's input for it (fixed instruction, EN or ZH).
+        Each image goes through `data.images.prepare_image` at the preset's image size, the one
+        preprocessing step training and `echocxr generate` share."""
         from echocxr.batch import Example
+        from echocxr.data.images import prepare_image
 
-        return Example(list(images), language)
+        size = self.model.config.image_size
+        return Example([prepare_image(im, size) for im in images], language)
 
     def text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -2,15 +2,13 @@
 
 PNG, JPEG and DICOM are recognised by their magic bytes (never by a file name or a declared
 content type). Pixel dimensions are checked from the header before the pixels are decoded.
-Decoding itself goes through `echocxr.data.images.load_image`, the loader `echocxr generate`
-uses, so a file gives the same pixels over HTTP as on the command line.
+Decoding itself is `echocxr.data.images.load_image_bytes`, the in-memory twin of the loader
+`echocxr generate` uses, so a file gives the same pixels over HTTP as on the command line.
 """
 
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 
 from echocxr.errors import UserError
 
@@ -49,28 +47,11 @@ def decode_upload(data: bytes, name: str, *, max_side: int):
             raise UserError(f"{name}: unreadable or corrupt image ({e})") from None
         if max(w, h) > max_side:
             raise UserError(f"{name}: {w}x{h} pixels is larger than the limit of {max_side} per side")
-    try:
-        img = _load(data, fmt)
-    except UserError as e:
-        raise UserError(f"{name}: {e}") from None
+    from echocxr.data.images import load_image_bytes
+
+    img = load_image_bytes(data, name)  # UserError names the upload
     if max(img.size) > max_side:  # DICOM: its size is known only after decoding
         raise UserError(
             f"{name}: {img.size[0]}x{img.size[1]} pixels is larger than the limit of {max_side} per side"
         )
     return img
-
-
-def _load(data: bytes, fmt: str):
-    # The data package's loader reads paths; the upload goes through a private temporary file.
-    from echocxr.data.images import load_image
-
-    fd, tmp = tempfile.mkstemp(suffix=".dcm" if fmt == "dicom" else "." + fmt)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        try:
-            return load_image(tmp)
-        except UserError as e:  # the message names the temporary path; the caller names the upload
-            raise UserError(str(e).replace(f"{tmp}: ", "", 1)) from None
-    finally:
-        os.unlink(tmp)
