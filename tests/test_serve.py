@@ -506,3 +506,32 @@ def test_detokenizer_never_splits_a_character(backend):
         d = Detokenizer(backend)
         parts = [d.add(ids[i : i + step]) for i in range(0, len(ids), step)] + [d.add([], final=True)]
         assert "".join(parts) == whole and not any("\ufffd" in p for p in parts)
+
+
+# --------------------------------------------------------------------------------------- bench
+
+
+def test_bench_serve_prints_one_json_line_per_mode_and_concurrency(ckpt, iu_images, capsys, tmp_path):
+    import json
+
+    from echocxr.cli import main
+
+    png = sorted(iu_images.glob("*.png"))[0]
+    out = tmp_path / "bench.jsonl"
+    argv = ["bench", "serve", "--ckpt", str(ckpt), "--image", str(png), "--concurrency", "1,3"]
+    argv += ["--requests", "3", "--max-tokens", "8", "--max-batch", "4", "--direct-repeats", "1"]
+    assert main([*argv, "--warmup", "1", "--append", str(out)]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [(x["batching"], x["concurrency"]) for x in lines] == [
+        (True, 1),
+        (True, 3),
+        (False, 1),
+        (False, 3),
+    ]
+    for x in lines:
+        assert x["requests"] == 3 and x["reports_per_s"] > 0 and x["tokens_per_s"] > 0
+        assert 0 < x["p50_ms"] <= x["p99_ms"] and x["tokens_per_report"] == 8
+        assert x["max_batch"] == (4 if x["batching"] else 1) and x["mean_batch"] <= x["max_batch"]
+    assert lines[0]["direct_p50_ms"] > 0 and "overhead" in lines[0]
+    assert [json.loads(x) for x in out.read_text().splitlines()] == lines
+    assert main(["bench", "serve", "--ckpt", str(ckpt), "--image", str(tmp_path / "no.png")]) == 2
