@@ -11,7 +11,6 @@ from PIL import Image
 
 from echocxr.batch import Example, collate
 from echocxr.decode.api import DecodeConfig, generate
-from echocxr.decode.ar import generate as ar_generate
 from echocxr.decode.common import text_positions
 from echocxr.model.config import get_preset
 from echocxr.model.image_processing import make_image_processor
@@ -57,7 +56,7 @@ def tiny():
     # chosen so that rows end at different steps (per-row stopping gets exercised).
     batch = _batch(tok, proc, cfg)
     plain = model.special
-    seen = ar_generate(model, batch, DecodeConfig(max_new_tokens=N)).tokens
+    seen = generate(model, batch, DecodeConfig(max_new_tokens=N)).tokens
     best = None
     for t in sorted({t for row in seen for t in row}):
         ends = [row.index(t) for row in seen if t in row]
@@ -129,9 +128,9 @@ def test_greedy_equals_transformers_ragged_batch(tiny):
 def test_cached_equals_uncached_and_static_equals_eager(tiny):
     model, _, _, _, batch = tiny
     dc = DecodeConfig(max_new_tokens=N)
-    eager = ar_generate(model, batch, dc, mode="eager").tokens
+    eager = generate(model, batch, dc, mode="eager").tokens
     assert eager == _uncached(model, batch, N)
-    assert ar_generate(model, batch, dc, mode="static").tokens == eager
+    assert generate(model, batch, dc, mode="static").tokens == eager
 
 
 def test_per_row_eos_and_forward_count(tiny):
@@ -170,9 +169,9 @@ def test_cuda_graph_and_compile_steps_equal_eager_on_gpu(tiny):
     model, batch = model.cuda(), batch.to("cuda")
     try:
         dc = DecodeConfig(max_new_tokens=N)
-        eager = ar_generate(model, batch, dc, mode="eager").tokens
-        assert ar_generate(model, batch, dc, mode="static").tokens == eager
-        assert ar_generate(model, batch, dc, mode="graph").tokens == eager
-        assert ar_generate(model, batch, dc, mode="compile").tokens == eager
+        eager = generate(model, batch, dc, mode="eager").tokens
+        assert generate(model, batch, dc, mode="static").tokens == eager
+        assert generate(model, batch, dc, mode="graph").tokens == eager
+        assert generate(model, batch, dc, mode="compile").tokens == eager
     finally:
         model.cpu()

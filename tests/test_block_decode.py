@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 
 from echocxr.batch import Example, collate
-from echocxr.decode import block as block_decoder
 from echocxr.decode.api import DecodeConfig, generate
 from echocxr.model.config import get_preset
 from echocxr.model.image_processing import make_image_processor
@@ -73,12 +72,12 @@ def test_cached_equals_uncached_reference(tiny, strategy):
     dc = DecodeConfig(
         decoder="block", max_new_tokens=32, block_size=4, steps=2, strategy=strategy, threshold=0.3
     )
-    fast = block_decoder.generate(model, batch, dc)
-    slow = block_decoder.generate(model, batch, dc, reference=True)
+    fast = generate(model, batch, dc)
+    slow = generate(model, batch, dc, reference=True)
     assert fast.tokens == slow.tokens
     assert fast.forwards == slow.forwards
     # the static-shape step (whole-capacity attention, KV written at a position tensor) agrees too
-    assert block_decoder.generate(model, batch, dc, mode="static").tokens == fast.tokens
+    assert generate(model, batch, dc, mode="static").tokens == fast.tokens
 
 
 def test_rows_stop_at_their_own_eos(tiny):

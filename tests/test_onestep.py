@@ -171,8 +171,8 @@ def test_static_shape_step_equals_eager(tiny, fused):
     model, tok, proc, cfg = tiny
     batch = _batch(tok, proc, cfg)
     dc = _dc(max_new_tokens=40, block_size=4, fused=fused)
-    eager = onestep.generate(model, batch, dc, mode="eager")
-    static = onestep.generate(model, batch, dc, mode="static")
+    eager = generate(model, batch, dc, mode="eager")
+    static = generate(model, batch, dc, mode="static")
     assert static.tokens == eager.tokens and static.forwards == eager.forwards
 
 
@@ -183,8 +183,8 @@ def test_cuda_graph_step_equals_eager(tiny):
     batch = _batch(tok, proc, cfg).to("cuda")
     dc = _dc(max_new_tokens=40, block_size=4)
     try:
-        eager = onestep.generate(gpu, batch, dc, mode="eager")
-        graph = onestep.generate(gpu, batch, dc, mode="graph")
+        eager = generate(gpu, batch, dc, mode="eager")
+        graph = generate(gpu, batch, dc, mode="graph")
     finally:
         model.to("cpu")
     assert graph.tokens == eager.tokens

@@ -520,8 +520,7 @@ def real_image_reports(ckpts: dict[str, Path], images: Path, corpus: Path, folde
     from echocxr.batch import Example, collate
     from echocxr.data.images import load_image
     from echocxr.data.records import read_jsonl
-    from echocxr.decode.api import DecodeConfig, generate
-    from echocxr.model.vlm import EchoVLM
+    from echocxr.decode.engine import Engine
 
     studies = real_image_studies(images)
     refs = {}
@@ -532,24 +531,14 @@ def real_image_reports(ckpts: dict[str, Path], images: Path, corpus: Path, folde
                 refs[sid] = {"report": r.report, "split": r.split}
     rows = []
     for label, ckpt in ckpts.items():
-        model, tok, proc, meta = EchoVLM.from_pretrained(ckpt, device=device)
-        model.eval()
-        n_views = len(meta.get("views") or ("frontal",))
-        B = int(meta.get("block_size") or 8)
         dec = "ar" if label == "ar" else "onestep"
+        engine = Engine.from_checkpoint(ckpt, device=device, decoder=dec)  # greedy; the checkpoint's B
+        model, tok, proc = engine.model, engine.tokenizer, engine.processor
+        n_views = len(engine.meta.get("views") or ("frontal",))
         for sid, paths in studies.items():
             ims = [load_image(p).convert("L").resize((model.config.image_size,) * 2) for p in paths[:n_views]]
             batch = collate([Example(ims, "en")], tok, proc, model.config.image_tokens).to(device)
-            out = generate(
-                model,
-                batch,
-                DecodeConfig(
-                    decoder=dec, block_size=B, steps=B, max_new_tokens=model.config.max_response_tokens
-                ),
-            )
-            text = tok.decode(
-                [t for t in out.tokens[0] if t != model.special.eos], skip_special_tokens=True
-            ).strip()
+            text = engine.text(engine.generate(batch).tokens[0]).strip()
             rows.append(
                 {
                     "study": sid,

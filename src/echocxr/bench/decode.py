@@ -6,10 +6,11 @@ builds the real 7B architecture in bf16 directly on the device). Random weights 
 at a sensible place, so by default they ignore it (`--ignore-eos`): every row runs to
 --max-new-tokens and all decoders produce the same number of tokens.
 
-Per batch size, after --warmup untimed runs, --repeats timed runs each of (a) the prefill alone
-and (b) the whole `decode.api.generate` call (prefill + decode loop); medians are reported:
-- e2e_ms, prefill_ms, decode_ms = e2e_ms - prefill_ms (the prefill is timed separately because the
-  decoders do not expose their internal timings; the subtraction assumes it costs the same inside);
+One `decode.engine.Engine` serves every run, so the KV cache is allocated and the CUDA graphs are
+captured in the --warmup runs, not in the timed ones. Per batch size, after --warmup untimed runs,
+--repeats timed `engine.generate` calls (prefill + decode loop); medians are reported:
+- e2e_ms, prefill_ms (timed inside each call, CUDA-synchronized), decode_ms = e2e_ms - prefill_ms
+  (each the median of its own per-run values);
 - tokens: generated tokens of all rows (up to and including each row's EOS);
 - tokens_per_s_decode = tokens / decode time, tokens_per_s_e2e = tokens / e2e time;
 - ms_per_forward = decode time / forwards; forwards_per_token = forwards / longest row (one row's
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import importlib
 import json
 import os
 import platform
@@ -62,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-weights", action="store_true", help="required with --preset/--shape")
     p.add_argument("--decoder", choices=("ar", "block", "onestep"), default="ar")
     p.add_argument("--no-fuse", action="store_true", help="onestep: separate commit forward per block")
-    p.add_argument("--block-size", type=int, default=8)
+    p.add_argument("--block-size", type=int, help="default: DecodeConfig's")
     p.add_argument("--steps", type=int, help="block decoder: denoising steps per block (default: block size)")
     p.add_argument("--batch-size", default="1,8", help="comma-separated, e.g. 1,8,32")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -171,50 +171,40 @@ def _peak_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def measure(model, batch, cfg, *, device: str, graphs, warmup: int, repeats: int) -> dict:
+def measure(engine, batch, cfg, *, warmup: int, repeats: int) -> dict:
+    """Time `engine.generate` (one engine for every repeat: its cache and captured steps are set
+    up in the warm-up runs, outside the timed ones). The prefill is timed inside each run."""
     import torch
 
-    from echocxr.decode import api
-    from echocxr.decode.common import prefill
-
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+    device = engine.device
 
     def timed(fn):
-        sync()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         out = fn()
-        sync()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         return out, time.perf_counter() - t0
 
-    if graphs is None:
-        run = lambda: api.generate(model, batch, cfg)  # noqa: E731
-    else:
-        module = importlib.import_module(api.DECODERS[cfg.decoder])
-        run = lambda: module.generate(model, batch, cfg, mode="graph" if graphs else "eager")  # noqa: E731
+    run = lambda: engine.generate(batch, cfg)  # noqa: E731
     with torch.no_grad():
         for _ in range(warmup):
             run()
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats(torch.device(device))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         pre_s, e2e_s, dec_s = [], [], []
         for _ in range(repeats):
             out, e2e = timed(run)
-            pre = out.stats.get("prefill_s")
-            if pre is None:  # this decoder does not time its prefill: time one separately
-                pre = timed(lambda: prefill(model, batch, cfg.max_new_tokens))[1]
-            pre_s.append(pre)
+            pre_s.append(out.stats["prefill_s"])
             e2e_s.append(e2e)
-            dec_s.append(e2e - pre)
+            dec_s.append(e2e - out.stats["prefill_s"])
     tokens = sum(len(t) for t in out.tokens)
     longest = max(len(t) for t in out.tokens)
     e2e, pre, decode = statistics.median(e2e_s), statistics.median(pre_s), statistics.median(dec_s)
-    # A separately timed prefill can come out slower than the whole run under load: then the
-    # decode-only figures are unknown (null), not negative; the end-to-end ones still hold.
-    ok = decode > 0
+    ok = decode > 0  # with a tiny model on a loaded box the decode part can round to nothing
     return {
-        "prefill_timing": "in-run" if "prefill_s" in out.stats else "separate",
+        "prefill_timing": "in-run",
         "tokens": tokens,
         "longest": longest,
         "forwards": out.forwards,
@@ -228,7 +218,8 @@ def measure(model, batch, cfg, *, device: str, graphs, warmup: int, repeats: int
         "latency_per_report_s": round(e2e, 4),
         "e2e_ms_all": [round(s * 1e3, 3) for s in e2e_s],
         "mode": out.stats.get("mode"),
-        "peak_mem_mb": round(_peak_mb(device), 1),
+        "kv_allocations": engine.allocations,
+        "peak_mem_mb": round(_peak_mb(str(device)), 1),
     }
 
 
@@ -237,8 +228,9 @@ def run(args) -> int:
     import transformers
 
     from echocxr.batch import Example, collate
-    from echocxr.decode.api import DecodeConfig
     from echocxr.decode.cli import resolve_device
+    from echocxr.decode.config import DecodeConfig
+    from echocxr.decode.engine import Engine
 
     sizes = _batch_sizes(args.batch_size)
     if args.repeats < 1 or args.warmup < 0 or args.max_new_tokens < 1 or args.images < 1:
@@ -248,27 +240,26 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     if args.graphs and not device.startswith("cuda"):
         raise UserError("--graphs needs a CUDA device (CUDA graphs); use --no-graphs on CPU")
+    overrides = {"block_size": args.block_size, "steps": args.steps, "fused": False if args.no_fuse else None}
     cfg = DecodeConfig(
         decoder=args.decoder,
         max_new_tokens=args.max_new_tokens,
-        block_size=args.block_size,
-        steps=args.steps or args.block_size,
-        fused=not args.no_fuse,
         seed=args.seed,
+        **{k: v for k, v in overrides.items() if v is not None},
     )
     model, tok, proc, label = load_model(args, device)
     ignore_eos = args.random_weights if args.ignore_eos is None else args.ignore_eos
     if ignore_eos:  # no sampled id equals -1, so no row ever stops early
         model.special = replace(model.special, eos=-1)
+    mode = None if args.graphs is None else ("graph" if args.graphs else "eager")
+    engine = Engine(model, cfg, device=device, tokenizer=tok, processor=proc, mode=mode)
     lines = []
     for bs in sizes:
         examples = [
             Example(_images(args.images, model.config.image_size, args.seed + i), "en") for i in range(bs)
         ]
         batch = collate(examples, tok, proc, model.config.image_tokens).to(device)
-        m = measure(
-            model, batch, cfg, device=device, graphs=args.graphs, warmup=args.warmup, repeats=args.repeats
-        )
+        m = measure(engine, batch, cfg, warmup=args.warmup, repeats=args.repeats)
         row = {
             "bench": "decode",
             "decoder": cfg.decoder,

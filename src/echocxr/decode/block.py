@@ -30,14 +30,16 @@ gives the same tokens as the cached path.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from echocxr.decode.common import Output, cut_at_eos, prefill, sample, text_positions
-from echocxr.decode.onestep import BlockForward
+from echocxr.decode.common import guard, text_positions
 from echocxr.model.masks import block_causal
-from echocxr.model.vlm import EchoVLM
 from echocxr.train.rad import AR_SHIFT, logits_for_block
+
+if TYPE_CHECKING:
+    from echocxr.decode.engine import Run
 
 
 @dataclass
@@ -59,41 +61,38 @@ Trajectory = list[list[list[StepRecord]]]
 
 
 class CachedContext:
-    """Block forwards over the exact KV cache (the fast path). `mode` picks how a forward runs
-    (`onestep.BlockForward`: "eager", or the static-shape "static" / CUDA-graph "graph" step)."""
+    """Block forwards over the engine's exact KV cache (the fast path, `engine.Step`)."""
 
-    def __init__(self, model: EchoVLM, batch, n_tokens: int, block: int, mode: str | None = None):
-        self.model = model
-        pre = prefill(model, batch, n_tokens)
-        self.cache = pre.cache
-        self.first = pre.last_logits  # [rows, V] logits at the last committed token
-        self.mode = mode or ("graph" if pre.last_logits.is_cuda else "eager")
-        self.forward = BlockForward(model, pre.cache, pre.next_pos, block, self.mode)
+    def __init__(self, run: Run, block: int):
+        self.run, self.block = run, block
+        self.first = run.first  # [rows, V] logits at the last committed token
         self.offset = 0  # response tokens committed so far
 
     def denoise(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [rows, B] (mask tokens and committed ones) -> (hidden [rows, B, D], first [rows, V]).
         Writes the block's keys past the committed length without committing them."""
-        return self.forward(ids, self.offset), self.first
+        return self.run.forward(ids, self.offset, self.block), self.first
 
     def commit(self, ids: torch.Tensor) -> None:
-        h = self.forward(ids, self.offset)
-        self.cache.commit(ids.shape[1])
+        h = self.run.forward(ids, self.offset, self.block)
+        self.run.cache.commit(ids.shape[1])
         self.offset += ids.shape[1]
-        self.first = self.model.logits(h[:, -1]).float()
+        self.first = self.run.model.logits(h[:, -1]).float()
 
 
 class UncachedContext:
     """The slow reference: every forward recomputes [prompt | committed | block] from scratch."""
 
-    def __init__(self, model: EchoVLM, batch, n_tokens: int, block: int):
-        self.model, self.block, self.batch = model, block, batch
+    def __init__(self, run: Run, block: int):
+        model, batch = run.model, run.batch
+        self.run, self.model, self.block, self.batch = run, model, block, batch
         self.x_prompt = model.embed(batch.prompt_ids, batch.pixel_values, batch.grid_thw)
         self.pos_prompt = model.positions(batch.prompt_ids, batch.grid_thw, valid=batch.prompt_valid)
         self.next_pos = self.pos_prompt.amax(dim=(0, 2)) + 1
         self.committed = batch.prompt_ids.new_zeros(batch.size, 0)
 
     def denoise(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.run.forwards += 1
         rows, P = self.batch.prompt_ids.shape
         resp = torch.cat([self.committed, ids], 1)
         x = torch.cat([self.x_prompt, self.model.embed(resp)], 1)
@@ -110,6 +109,7 @@ class UncachedContext:
         return h[:, -B:], self.model.logits(h[:, -B - 1]).float()
 
     def commit(self, ids: torch.Tensor) -> None:
+        self.run.forwards += 1  # the cached path's commit forward, counted alike
         self.committed = torch.cat([self.committed, ids], 1)
 
 
@@ -143,55 +143,44 @@ def _record(positions, tokens, conf, probs, k: int) -> StepRecord:
     )
 
 
-@torch.no_grad()
-def generate(model: EchoVLM, batch, cfg, *, reference: bool = False, mode: str | None = None) -> Output:
-    """reference: the uncached slow path. mode: "eager" | "static" | "graph" for the cached path
-    (default: graph on CUDA, eager elsewhere; see `onestep.BlockForward`)."""
-    B, K, eos, mask_id = cfg.block_size, cfg.steps, model.special.eos, model.special.mask
-    n_blocks = -(-cfg.max_new_tokens // B)
-    if reference:
-        ctx = UncachedContext(model, batch, n_blocks * B, B)
-    else:
-        ctx = CachedContext(model, batch, n_blocks * B, B, mode)
-    rows, device = batch.size, batch.prompt_ids.device
-    gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.temperature > 0 else None
-    out = torch.full((rows, n_blocks * B), eos, dtype=torch.long, device=device)
-    done = torch.zeros(rows, dtype=torch.bool, device=device)
+def decode(run: Run, *, reference: bool = False) -> dict:
+    """Up to K denoising forwards per block, then one commit forward (none after the last block).
+    reference: every forward recomputes the whole context (`UncachedContext`)."""
+    cfg, model = run.cfg, run.model
+    B, K, eos, mask_id, rows = cfg.block_size, cfg.steps, run.eos, run.mask_id, run.rows
+    n_blocks = -(-run.n_tokens // B)
+    ctx = (UncachedContext if reference else CachedContext)(run, B)
     trajectory: Trajectory | None = [[] for _ in range(rows)] if cfg.record_trajectory else None
-    forwards = steps_run = 0
+    steps_run = 0
     for i in range(n_blocks):
-        ids = torch.full((rows, B), mask_id, dtype=torch.long, device=device)
-        ids[done] = eos
-        masked = ~done[:, None].expand(rows, B).clone()
+        ids = torch.full((rows, B), mask_id, dtype=torch.long, device=run.device)
+        ids[run.done] = eos
+        masked = ~run.done[:, None].expand(rows, B).clone()
         if trajectory is not None:
-            for r in (~done).nonzero().flatten().tolist():
+            for r in (~run.done).nonzero().flatten().tolist():
                 trajectory[r].append([])
         for s in range(K):
             if not bool(masked.any()):
                 break
             h, first = ctx.denoise(ids)
-            forwards, steps_run = forwards + 1, steps_run + 1
+            steps_run += 1
             logits = logits_for_block(model, h, first)  # [rows, B, V]
-            tokens, conf = sample(logits, cfg.temperature, cfg.top_k, cfg.top_p, gen)
+            tokens, conf = run.pick(logits)
             pick = choose(conf, masked, K - s, cfg.strategy, cfg.threshold)
             ids = torch.where(pick, tokens, ids)
             masked &= ~pick
             if trajectory is not None:
-                probs = logits.softmax(-1)
+                probs = guard(logits, run.banned).softmax(-1)  # what was sampled from (T = 1)
                 for r, j in _rows_positions(pick):
                     trajectory[r][-1].append(
                         _record(j, ids[r, j].tolist(), conf[r, j].tolist(), probs[r, j], cfg.trajectory_top_k)
                     )
-        out[:, i * B : (i + 1) * B] = ids
-        done |= (ids == eos).any(1)
-        if bool(done.all()) or i == n_blocks - 1:
+        ids = run.commit(ids)
+        if run.all_done or i == n_blocks - 1:
             break
         ctx.commit(ids)
-        forwards += 1
-    tokens = [t[: cfg.max_new_tokens] for t in cut_at_eos(out[:, : (i + 1) * B].cpu(), eos)]
-    stats = {"blocks": i + 1, "denoise_steps": steps_run, "shift": AR_SHIFT, "strategy": cfg.strategy}
-    stats["mode"] = "reference" if reference else ctx.mode
-    return Output(tokens, forwards, trajectory, stats)
+    run.trajectory = trajectory
+    return {"blocks": i + 1, "denoise_steps": steps_run, "shift": AR_SHIFT, "strategy": cfg.strategy}
 
 
 def _rows_positions(pick: torch.Tensor):

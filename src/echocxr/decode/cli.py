@@ -18,8 +18,6 @@ from pathlib import Path
 
 from echocxr.errors import UserError
 
-STAGE_DECODER = {"ar": "ar", "rad": "block", "dcd": "onestep"}
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", help="PNG, JPEG or DICOM files, one report each")
@@ -27,18 +25,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--decoder", choices=("ar", "block", "onestep"), help="default: from the checkpoint's stage"
     )
-    p.add_argument("--block-size", type=int, help="default: the checkpoint's block size, else 8")
+    p.add_argument(
+        "--block-size", type=int, help="default: the checkpoint's block size (DecodeConfig's otherwise)"
+    )
     p.add_argument(
         "--steps", type=int, help="denoising steps per block for --decoder block (default: block size)"
     )
     p.add_argument("--no-fuse", action="store_true", help="onestep: separate commit forward (2N forwards)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--temperature", type=float, help="0 = greedy (the default)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass (default 1: off)")
+    p.add_argument("--top-k", type=int, help="keep the k most likely tokens (default 0: off)")
     p.add_argument("--language", choices=("en", "zh"), default="en")
-    p.add_argument("--max-new-tokens", type=int, default=160)
+    p.add_argument("--max-new-tokens", type=int, help="default: the checkpoint's max_response_tokens")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="sampling seed (default 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
     p.add_argument("--json", help="write the results here (default: print them)")
 
@@ -88,23 +88,19 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def decode_config(args, meta: dict):
-    from echocxr.decode.api import DecodeConfig
-
-    decoder = args.decoder or STAGE_DECODER.get(meta.get("stage", "ar"), "ar")
-    block = args.block_size or meta.get("block_size") or 8
-    steps = args.steps or block
-    return DecodeConfig(
-        decoder=decoder,
-        max_new_tokens=args.max_new_tokens,
-        block_size=block,
-        steps=steps,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        fused=not args.no_fuse,
-        seed=args.seed,
-    )
+def decode_overrides(args) -> dict:
+    """The DecodeConfig fields the command line sets (None: the checkpoint's or the default)."""
+    return {
+        "decoder": args.decoder,
+        "max_new_tokens": args.max_new_tokens,
+        "block_size": args.block_size,
+        "steps": args.steps,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "fused": False if args.no_fuse else None,
+        "seed": args.seed,
+    }
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
@@ -121,30 +117,26 @@ def run(args) -> int:
 
     from echocxr.batch import Example, collate
     from echocxr.data.records import parse_report
-    from echocxr.decode.api import generate
-    from echocxr.model.vlm import EchoVLM
+    from echocxr.decode.engine import Engine
 
-    if args.batch_size < 1 or args.max_new_tokens < 1:
+    if args.batch_size < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
         raise UserError("--batch-size and --max-new-tokens must be at least 1")
     images = [load_image(p) for p in args.images]  # every file checked before the model loads
     device = resolve_device(args.device)
-    model, tokenizer, processor, meta = EchoVLM.from_pretrained(args.ckpt, device=device)
-    if model.config is None:  # the prompt's image-token count comes from the preset
-        raise UserError(f"{args.ckpt}: no echocxr.json with the model preset (save it with echocxr train)")
-    model.eval()
-    cfg = decode_config(args, meta)
+    engine = Engine.from_checkpoint(args.ckpt, device=device, **decode_overrides(args))
+    cfg, model = engine.cfg, engine.model
     results = []
     for i in range(0, len(images), args.batch_size):
         files, ims = args.images[i : i + args.batch_size], images[i : i + args.batch_size]
         examples = [Example([im], args.language, record_id=str(f)) for f, im in zip(files, ims, strict=True)]
-        batch = collate(examples, tokenizer, processor, model.config.image_tokens).to(device)
+        batch = collate(examples, engine.tokenizer, engine.processor, model.config.image_tokens).to(device)
         t0 = time.perf_counter()
-        out = generate(model, batch, cfg)
+        out = engine.generate(batch)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - t0) / len(files)
         for f, toks in zip(files, out.tokens, strict=True):
-            text = tokenizer.decode([t for t in toks if t != model.special.eos], skip_special_tokens=True)
+            text = engine.text(toks)
             results.append(
                 {
                     "file": str(f),

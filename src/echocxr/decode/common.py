@@ -37,26 +37,76 @@ def with_padding(cache: KVCache, rule_mask: torch.Tensor) -> torch.Tensor:
     return m | own
 
 
-@torch.no_grad()
-def prefill(model: EchoVLM, batch: Batch, max_new_tokens: int, *, extra_slots: int = 0) -> Prefilled:
-    """Run the prompt (images + instruction) once and keep its KV; room for max_new_tokens
-    (+ extra_slots for blocks denoised ahead of the committed length)."""
-    B, P = batch.prompt_ids.shape
-    x = model.embed(batch.prompt_ids, batch.pixel_values, batch.grid_thw)
-    pos = model.positions(batch.prompt_ids, batch.grid_thw, valid=batch.prompt_valid)
-    cache = KVCache.allocate(
+def allocate_cache(model: EchoVLM, rows: int, capacity: int) -> KVCache:
+    """Empty KV buffers [L, rows, H_kv, capacity, D] in the model's dtype, on its device."""
+    return KVCache.allocate(
         model.n_layers,
-        B,
+        rows,
         model.n_kv_heads,
         model.head_dim,
-        P + max_new_tokens + extra_slots,
-        dtype=x.dtype,
-        device=x.device,
+        capacity,
+        dtype=model.dtype,
+        device=model.device,
     )
+
+
+@torch.no_grad()
+def prefill(
+    model: EchoVLM,
+    batch: Batch,
+    max_new_tokens: int = 0,
+    *,
+    extra_slots: int = 0,
+    cache: KVCache | None = None,
+) -> Prefilled:
+    """Run the prompt (images + instruction) once and keep its KV.
+
+    Without `cache`, allocates one with room for max_new_tokens (+ extra_slots for blocks
+    denoised ahead of the committed length). With `cache` (the engine's, reused across calls) its
+    length and padding marks are reset; its rows must equal the batch's; slots past the prompt keep
+    stale values that no query reads before the step that rewrites them. Raises ValueError if the
+    cache does not fit.
+    """
+    B, P = batch.prompt_ids.shape
+    if cache is None:
+        cache = allocate_cache(model, B, P + max_new_tokens + extra_slots)
+    if cache.k.shape[1] != B or cache.capacity < P + max_new_tokens + extra_slots:
+        raise ValueError(f"cache of {cache.k.shape[1]} rows x {cache.capacity} slots for {B} rows x {P}")
+    x = model.embed(batch.prompt_ids, batch.pixel_values, batch.grid_thw)
+    pos = model.positions(batch.prompt_ids, batch.grid_thw, valid=batch.prompt_valid)
+    cache.length = 0
+    cache.key_valid.fill_(True)
     cache.key_valid[:, :P] = batch.prompt_valid
     h = model(x, pos, with_padding(cache, decode_causal(0, P, x.device)), cache=cache, start=0)
     cache.commit(P)
     return Prefilled(cache, pos.amax(dim=(0, 2)) + 1, model.logits(h[:, -1]).float())
+
+
+def banned_tokens(model: EchoVLM, tokenizer=None) -> torch.Tensor:
+    """bool [V] on the model's device: the ids no decoder may sample or commit (issue #14 item 6).
+
+    The diffusion mask token and every special token other than EOS (pad, image and vision
+    markers from `model.special`; with a tokenizer also its declared special and added-special
+    tokens), plus, with a tokenizer, the LM-head rows past its vocabulary (ids it cannot decode).
+    The current `model.special.eos` is never banned.
+    """
+    V = model.vocab_size
+    s = model.special
+    ids = {s.mask, s.pad, s.image, s.vision_start, s.vision_end}
+    banned = torch.zeros(V, dtype=torch.bool, device=model.device)
+    if tokenizer is not None:
+        ids |= set(tokenizer.all_special_ids)
+        ids |= {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        banned[len(tokenizer) :] = True
+    ids.discard(s.eos)
+    banned[[i for i in ids if 0 <= i < V]] = True
+    return banned
+
+
+def guard(logits: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:
+    """logits [..., V] -> float logits with the banned ids at -inf, before any sampling, confidence
+    or recorded distribution (so a banned id gets probability exactly 0)."""
+    return logits.float().masked_fill(banned, float("-inf"))
 
 
 def text_positions(next_pos: torch.Tensor, offset: int, n: int) -> torch.Tensor:
@@ -87,11 +137,3 @@ def sample(
     flat = probs.reshape(-1, probs.shape[-1])
     tok = torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
     return tok, probs.gather(-1, tok[..., None])[..., 0]
-
-
-def cut_at_eos(rows: torch.Tensor, eos: int) -> list[list[int]]:
-    """[B, T] ids -> per row, the ids up to and including the first EOS."""
-    out = []
-    for r in rows.tolist():
-        out.append(r[: r.index(eos) + 1] if eos in r else r)
-    return out

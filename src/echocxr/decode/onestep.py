@@ -19,98 +19,34 @@ A row stops after the block that holds its first EOS; later blocks of that row a
 
 from __future__ import annotations
 
-import time
+from typing import TYPE_CHECKING
 
 import torch
 
-from echocxr.decode.common import Output, cut_at_eos, prefill, sample, text_positions, with_padding
-from echocxr.decode.graphs import GraphStep, StaticKV, compiled_step, full_capacity
-from echocxr.model.masks import decode_block
-from echocxr.model.vlm import EchoVLM
 from echocxr.train.rad import AR_SHIFT, logits_for_block  # one shift rule for training and decoding
 
-
-class BlockForward:
-    """One forward over whole blocks placed after the committed slots -> hidden [Bsz, Q, D].
-
-    mode "eager": attend to the used slots only (shapes grow block by block). "static": fixed
-    shapes, attention over the whole cache capacity with a mask and KV written at a position
-    tensor (`decode.graphs.StaticKV`), one shape per query length. "graph": the static step
-    replayed as a CUDA graph (`graphs.GraphStep`), "compile": the static step under
-    `torch.compile(mode="reduce-overhead")` (CUDA only, unmeasured; see docs/DCD.md). All agree.
-    """
-
-    MODES = ("eager", "static", "graph", "compile")
-
-    def __init__(self, model: EchoVLM, cache, next_pos: torch.Tensor, block: int, mode: str):
-        if mode not in self.MODES:
-            raise ValueError(f"mode must be one of {self.MODES}, not {mode!r}")
-        self.model, self.cache, self.next_pos, self.block, self.mode = model, cache, next_pos, block, mode
-        self.static_kv = StaticKV(cache)
-        self.step = {"static": self._static, "graph": GraphStep(self._static)}.get(mode)
-        if mode == "compile":
-            self.step = compiled_step(self._static)
-
-    def __call__(self, ids: torch.Tensor, offset: int) -> torch.Tensor:
-        cache, Q = self.cache, ids.shape[1]
-        pos = text_positions(self.next_pos, offset, Q)
-        mask = with_padding(cache, decode_block(cache.length, Q, self.block, ids.device))
-        if self.mode == "eager":
-            return self.model(self.model.embed(ids), pos, mask, cache=cache)
-        start = torch.tensor([cache.length], device=ids.device)
-        return self.step(ids, pos, full_capacity(mask, cache.capacity), start)
-
-    def _static(self, ids, pos, mask, start):
-        return self.model(self.model.embed(ids), pos, mask, cache=self.static_kv, start=start)
+if TYPE_CHECKING:
+    from echocxr.decode.engine import Run
 
 
-@torch.no_grad()
-def generate(model: EchoVLM, batch, cfg, *, mode: str | None = None) -> Output:
-    """mode: see BlockForward; default: graph on CUDA, else eager."""
-    B, eos, mask_id = cfg.block_size, model.special.eos, model.special.mask
-    n_blocks = -(-cfg.max_new_tokens // B)
-    # extra_slots: in the fused step the mask block sits one block past the committed length
-    t0 = time.perf_counter()
-    pre = prefill(model, batch, n_blocks * B, extra_slots=B)
-    if pre.last_logits.is_cuda:  # the prefill time is reported (bench decode): wait for the GPU
-        torch.cuda.synchronize(pre.last_logits.device)
-    prefill_s = time.perf_counter() - t0
-    cache, rows = pre.cache, batch.size
-    mode = mode or ("graph" if pre.last_logits.is_cuda else "eager")
-    forward = BlockForward(model, cache, pre.next_pos, B, mode)
-    gen = None
-    if cfg.temperature > 0:
-        gen = torch.Generator(device=pre.last_logits.device).manual_seed(cfg.seed)
-    out = torch.full((rows, n_blocks * B), eos, dtype=torch.long, device=pre.last_logits.device)
-    done = torch.zeros(rows, dtype=torch.bool, device=out.device)
-    first, prev, forwards = pre.last_logits, None, 0  # first: logits at the last committed token
-    masked = torch.full((rows, B), mask_id, dtype=torch.long, device=out.device)
+def decode(run: Run) -> dict:
+    """One denoising forward per block (fused: it also writes the previous block's KV)."""
+    B, fused, model = run.cfg.block_size, run.cfg.fused, run.model
+    n_blocks = -(-run.n_tokens // B)
+    masked = torch.full((run.rows, B), run.mask_id, dtype=torch.long, device=run.device)
+    first, prev = run.first, None  # first: logits at the last committed token
     for i in range(n_blocks):
-        if cfg.fused and prev is not None:  # [block i-1 (clean) | block i (mask)] in one forward
-            h = forward(torch.cat([prev, masked], 1), (i - 1) * B)
-            cache.commit(B)  # block i-1's KV is now exact
+        if fused and prev is not None:  # [block i-1 (clean) | block i (mask)] in one forward
+            h = run.forward(torch.cat([prev, masked], 1), (i - 1) * B, B)
+            run.cache.commit(B)  # block i-1's KV is now exact
             first, h = model.logits(h[:, B - 1]), h[:, B:]
         else:
-            h = forward(masked, i * B)
-        forwards += 1
-        tokens, _ = sample(
-            logits_for_block(model, h, first, AR_SHIFT), cfg.temperature, cfg.top_k, cfg.top_p, gen
-        )
-        tokens = torch.where(done[:, None], eos, tokens)
-        out[:, i * B : (i + 1) * B] = tokens
-        done |= (tokens == eos).any(1)
-        if not cfg.fused:  # write the committed block's KV
-            h = forward(tokens, i * B)
-            cache.commit(B)
-            first, forwards = model.logits(h[:, -1]), forwards + 1
-        prev = tokens
-        if bool(done.all()):
+            h = run.forward(masked, i * B, B)
+        prev = run.commit(run.pick(logits_for_block(model, h, first, AR_SHIFT))[0])
+        if not fused:  # write the committed block's KV
+            h = run.forward(prev, i * B, B)
+            run.cache.commit(B)
+            first = model.logits(h[:, -1])
+        if run.all_done:
             break
-    tokens = cut_at_eos(out[:, : (i + 1) * B].cpu(), eos)
-    tokens = [t[: cfg.max_new_tokens] for t in tokens]
-    return Output(
-        tokens,
-        forwards,
-        None,
-        {"blocks": i + 1, "fused": cfg.fused, "shift": AR_SHIFT, "mode": mode, "prefill_s": prefill_s},
-    )
+    return {"blocks": i + 1, "fused": fused, "shift": AR_SHIFT}

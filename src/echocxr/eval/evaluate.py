@@ -220,45 +220,45 @@ class Loaded:
     block_size: int
     max_new_tokens: int
     views: tuple[str, ...]
+    engine: object = None  # echocxr.decode.engine.Engine, reused across batches
 
 
 def load_checkpoint(cfg: EvalConfig) -> Loaded:
-    from echocxr.model.vlm import EchoVLM
+    from echocxr.decode.engine import Engine
 
-    model, tokenizer, processor, meta = EchoVLM.from_pretrained(cfg.ckpt, device=cfg.device)
-    model.eval()
-    mcfg = model.config
-    if mcfg is None:
-        raise UserError(f"{cfg.ckpt}: no echocxr.json with the model preset; cannot size images")
-    views = cfg.views or tuple(meta.get("views") or ("frontal",))
-    block = cfg.block_size or int(meta.get("block_size") or 8)
-    return Loaded(
-        model,
-        tokenizer,
-        processor,
-        meta,
-        mcfg.image_tokens,
-        mcfg.image_size,
-        block,
-        cfg.max_new_tokens or mcfg.max_response_tokens,
-        views,
-    )
-
-
-def decode_config(cfg: EvalConfig, loaded: Loaded):
-    from echocxr.decode.api import DecodeConfig
-
-    return DecodeConfig(
+    # One engine for every batch of this eval; its DecodeConfig comes from the checkpoint's
+    # metadata (DecodeConfig.from_checkpoint) with this eval's settings on top.
+    engine = Engine.from_checkpoint(
+        cfg.ckpt,
+        device=cfg.device,
         decoder=cfg.decoder,
-        max_new_tokens=loaded.max_new_tokens,
-        block_size=loaded.block_size,
-        steps=cfg.steps or loaded.block_size,
+        max_new_tokens=cfg.max_new_tokens,
+        block_size=cfg.block_size,
+        steps=cfg.steps,
         strategy=cfg.strategy,
         threshold=cfg.threshold,
         fused=cfg.fused,
         record_trajectory=cfg.record_trajectory,
         seed=cfg.seed,
     )
+    mcfg, meta, dcfg = engine.model.config, engine.meta, engine.cfg
+    views = cfg.views or tuple(meta.get("views") or ("frontal",))
+    return Loaded(
+        engine.model,
+        engine.tokenizer,
+        engine.processor,
+        meta,
+        mcfg.image_tokens,
+        mcfg.image_size,
+        dcfg.block_size,
+        dcfg.max_new_tokens,
+        views,
+        engine,
+    )
+
+
+def decode_config(cfg: EvalConfig, loaded: Loaded):
+    return loaded.engine.cfg
 
 
 def _jsonable(value):
@@ -294,7 +294,6 @@ def decode_batch(records, loaded: Loaded, cfg: EvalConfig, dcfg, root: Path) -> 
     import torch
 
     from echocxr.batch import Example, collate
-    from echocxr.decode.api import generate
 
     examples, sources = [], []
     for r in records:
@@ -308,7 +307,7 @@ def decode_batch(records, loaded: Loaded, cfg: EvalConfig, dcfg, root: Path) -> 
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = generate(loaded.model, batch, dcfg)
+        out = loaded.engine.generate(batch, dcfg)
     if cfg.device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -317,7 +316,7 @@ def decode_batch(records, loaded: Loaded, cfg: EvalConfig, dcfg, root: Path) -> 
     longest = max(len(t) for t in out.tokens)
     rows = []
     for b, (r, toks) in enumerate(zip(records, out.tokens)):
-        hyp = loaded.tokenizer.decode([t for t in toks if t != eos], skip_special_tokens=True).strip()
+        hyp = loaded.engine.text(toks).strip()
         row = {
             "record_id": r.record_id,
             "study_id": r.study_id,
