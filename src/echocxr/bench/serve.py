@@ -168,7 +168,6 @@ def run(args) -> int:
         "device": args.device
         if args.device != "cpu"
         else f"cpu {platform.machine()} ({torch.get_num_threads()} threads)",
-        "streams_blocks": backend.streams_blocks,
         "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -203,7 +203,6 @@ def create_app(backend, config: ServeConfig | None = None) -> FastAPI:
         "decoder": backend.cfg.decoder,
         "block_size": backend.cfg.block_size,
         "trained_on": backend.trained_on,
-        "streams_blocks": backend.streams_blocks,
         "max_tokens": limits.max_tokens,
         "max_images": limits.max_images,
     }

@@ -1,10 +1,10 @@
 """The model-facing part of the server: one object that owns the checkpoint and decodes batches.
 
 `ReportBackend` is the only place that touches the model. The batcher's worker thread is its only
-caller, so nothing here is shared between threads. It drives `echocxr.decode.engine.Engine`, which
-allocates its cache buffers (and captured graphs) once and calls back after every committed block
-(every token for AR); when that module is absent it falls back to `decode.api.generate`, which
-reports each row once, at the end of its batch (`streams_blocks` says which).
+caller, so nothing here is shared between threads. It drives one `echocxr.decode.engine.Engine`,
+which allocates its KV-cache buffers (and captured graphs on CUDA) once per batch row count and
+reuses them call after call, and which calls back after every committed block (every token for
+AR): those callbacks become the per-block stream.
 """
 
 from __future__ import annotations
@@ -12,10 +12,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-
-from echocxr.errors import UserError
-
-STAGE_DECODER = {"ar": "ar", "rad": "block", "dcd": "onestep"}  # as `echocxr generate` chooses
 
 
 @dataclass
@@ -56,49 +52,19 @@ class ReportBackend:
         steps: int | None = None,
         fused: bool | None = None,
     ):
-        overrides = {
-            k: v
-            for k, v in dict(decoder=decoder, block_size=block_size, steps=steps, fused=fused).items()
-            if v is not None
-        }
-        if block_size is not None and steps is None:
-            overrides["steps"] = block_size
-        try:
-            from echocxr.decode.engine import Engine
-        except ImportError:
-            Engine = None
+        from echocxr.decode.engine import Engine
+
         self.device = device
-        if Engine is not None:
-            self.engine = Engine.from_checkpoint(ckpt, device=device, **overrides)
-            self.model, self.tokenizer, self.processor = (
-                self.engine.model,
-                self.engine.tokenizer,
-                self.engine.processor,
-            )
-            self.meta = dict(getattr(self.engine, "meta", {}) or {})
-            self.cfg = self.engine.cfg
-        else:
-            from echocxr.decode.api import DecodeConfig
-            from echocxr.model.vlm import EchoVLM
-
-            self.engine = None
-            self.model, self.tokenizer, self.processor, self.meta = EchoVLM.from_pretrained(
-                ckpt, device=device
-            )
-            self.model.eval()
-            block = self.meta.get("block_size") or DecodeConfig.block_size
-            base = DecodeConfig(
-                decoder=STAGE_DECODER.get(self.meta.get("stage", "ar"), "ar"), block_size=block, steps=block
-            )
-            self.cfg = replace(base, **overrides)
-        if self.model.config is None:  # the prompt's image-token count comes from the preset
-            raise UserError(f"{ckpt}: no echocxr.json with the model preset (save it with echocxr train)")
+        self.engine = Engine.from_checkpoint(
+            ckpt, device=device, decoder=decoder, block_size=block_size, steps=steps, fused=fused
+        )
+        self.model, self.tokenizer, self.processor = (
+            self.engine.model,
+            self.engine.tokenizer,
+            self.engine.processor,
+        )
+        self.meta, self.cfg = self.engine.meta, self.engine.cfg
         self.eos = self.model.special.eos
-
-    @property
-    def streams_blocks(self) -> bool:
-        """True when rows are reported block by block (the engine), False when once at the end."""
-        return self.engine is not None
 
     @property
     def stage(self) -> str:
@@ -122,7 +88,8 @@ class ReportBackend:
         return Example([prepare_image(im, size) for im in images], language)
 
     def text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        """Token ids (EOS excluded) -> text, through the engine (which refuses guarded ids)."""
+        return self.engine.text(ids)
 
     def prompt_tokens(self, n_images: int, language: str) -> int:
         from echocxr.model.prompt import prompt_ids
@@ -138,8 +105,6 @@ class ReportBackend:
     ) -> list[RowResult]:
         """Decode `examples` as one batch with `cfg` (its max_new_tokens is ignored: each row stops at
         its own `max_new_tokens[i]`). `on_event` is called from this thread as blocks commit."""
-        import torch
-
         from echocxr.batch import collate
 
         batch = collate(examples, self.tokenizer, self.processor, self.model.config.image_tokens)
@@ -147,27 +112,18 @@ class ReportBackend:
         cfg = replace(cfg, max_new_tokens=max(max_new_tokens))
         emit = on_event or (lambda ev: None)
         t0 = time.perf_counter()
-        with torch.no_grad():
-            if self.engine is not None:
 
-                def on_commit(ev) -> None:
-                    for row, toks, fin in zip(ev.rows, ev.tokens, ev.finished, strict=True):
-                        emit(RowEvent(row, list(toks), bool(fin), ev.forwards, ev.elapsed_ms))
+        def on_commit(ev) -> None:
+            for row, toks, fin in zip(ev.rows, ev.tokens, ev.finished, strict=True):
+                toks = [t for t in toks if t != self.eos]
+                emit(RowEvent(row, toks, bool(fin), ev.forwards, ev.elapsed_ms))
 
-                out = self.engine.generate(
-                    batch, cfg, on_commit=on_commit, max_new_tokens_per_row=max_new_tokens
-                )
-            else:
-                from echocxr.decode.api import generate
-
-                out = generate(self.model, batch, cfg)
+        out = self.engine.generate(batch, cfg, on_commit=on_commit, max_new_tokens_per_row=max_new_tokens)
         total_ms = (time.perf_counter() - t0) * 1000
-        prefill_ms = float(out.stats.get("prefill_s", 0.0)) * 1000
+        prefill_ms = float(out.stats.get("prefill_s") or 0.0) * 1000
         results = []
-        for row, (ids, cap) in enumerate(zip(out.tokens, max_new_tokens, strict=True)):
+        for ids, cap in zip(out.tokens, max_new_tokens, strict=True):
             stopped = self.eos in ids[:cap]
             ids = [t for t in ids[:cap] if t != self.eos]
             results.append(RowResult(ids, stopped, out.forwards, prefill_ms, max(total_ms - prefill_ms, 0.0)))
-            if self.engine is None:  # no per-block callback: the whole row at once
-                emit(RowEvent(row, ids, True, out.forwards, total_ms))
         return results

@@ -63,10 +63,11 @@ class Job:
     n_images: int = 1
     enqueued: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    key: tuple = field(init=False)
 
-    @property
-    def key(self) -> tuple:
-        return (replace(self.cfg, max_new_tokens=0), self.n_images)
+    def __post_init__(self) -> None:
+        # the grouping rule (module docstring): equal configs but for max_new_tokens, equal image count
+        self.key = (replace(self.cfg, max_new_tokens=1), self.n_images)
 
 
 class Batcher:
