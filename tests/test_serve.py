@@ -537,3 +537,40 @@ def test_bench_serve_prints_one_json_line_per_mode_and_concurrency(ckpt, iu_imag
     assert lines[0]["direct_p50_ms"] > 0 and "overhead" in lines[0]
     assert [json.loads(x) for x in out.read_text().splitlines()] == lines
     assert main(["bench", "serve", "--ckpt", str(ckpt), "--image", str(tmp_path / "no.png")]) == 2
+
+
+def test_timeout_queue_limit_and_chunked_oversized_body(backend, pngs):
+    """504 past --request-timeout (the timed-out job is dropped, never decoded), 503 when the
+    queue is full, 413 for a chunked body without Content-Length."""
+    png = pngs[sorted(pngs)[0]]
+    limits = Limits(max_body_bytes=LIMITS.max_body_bytes, max_queue=1, request_timeout_s=0.3, max_tokens=48)
+    app = create_app(backend, ServeConfig(max_batch=4, max_wait_ms=1500, limits=limits))
+    with BackgroundServer(app) as url:
+        first = {}
+        t = threading.Thread(
+            target=lambda: first.setdefault(
+                "r", httpx.post(url + "/v1/chat/completions", json=chat_body(png), timeout=30)
+            )
+        )
+        t.start()
+        deadline = time.monotonic() + 10
+        while app.state.batcher.depth == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        busy = httpx.post(url + "/v1/chat/completions", json=chat_body(png), timeout=30)
+        assert busy.status_code == 503 and "server busy" in busy.json()["error"]["message"]
+        t.join(30)
+        assert (
+            first["r"].status_code == 504 and "timed out after 0.3 s" in first["r"].json()["error"]["message"]
+        )
+
+        def chunks():
+            for _ in range(8):
+                yield b"x" * (LIMITS.max_body_bytes // 4)
+
+        big = httpx.post(
+            url + "/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"}
+        )
+        assert big.status_code == 413 and "exceeds the limit" in big.json()["error"]["message"]
+        time.sleep(1.6)  # the worker has taken the timed-out job by now, and skipped it
+        assert app.state.batcher.depth == 0
+        assert _batch_count(httpx.get(url + "/metrics").text) == 0
