@@ -374,7 +374,14 @@ def test_every_bad_input_gets_a_clear_4xx_and_the_server_goes_on(server, pngs, r
 
 def test_load_200_requests_32_clients_each_equal_to_its_single_request_output(server, pngs, reference):
     names = sorted(pngs)
-    plan = [(names[i % len(names)], (6, 9, 12)[i % 3]) for i in range(200)]
+    plan = [(names[i % len(names)], (6, 9, 12)[i % 3], "en") for i in range(200)]
+    plan = [(names[0], 12, "zh") if i % 10 == 0 else p for i, p in enumerate(plan)]  # other batches
+
+    def body(i, name, n, lang):
+        b = chat_body(pngs[name], max_tokens=n, user=str(i))
+        if lang == "zh":
+            b["messages"].insert(0, {"role": "system", "content": "请用中文撰写报告。"})
+        return b
 
     async def main():
         sem = asyncio.Semaphore(32)
@@ -382,14 +389,11 @@ def test_load_200_requests_32_clients_each_equal_to_its_single_request_output(se
             base_url=server, timeout=120, limits=httpx.Limits(max_connections=32)
         ) as c:
 
-            async def one(i, name, n):
+            async def one(i, *p):
                 async with sem:
-                    r = await c.post(
-                        "/v1/chat/completions", json=chat_body(pngs[name], max_tokens=n, user=str(i))
-                    )
-                    return i, r
+                    return i, await c.post("/v1/chat/completions", json=body(i, *p))
 
-            return await asyncio.gather(*(one(i, name, n) for i, (name, n) in enumerate(plan)))
+            return await asyncio.gather(*(one(i, *p) for i, p in enumerate(plan)))
 
     before = _batch_count(httpx.get(server + "/metrics").text)
     results = asyncio.run(main())
@@ -398,11 +402,12 @@ def test_load_200_requests_32_clients_each_equal_to_its_single_request_output(se
     batch_sizes = []
     for i, r in results:
         assert r.status_code == 200, r.text
-        body = r.json()
-        ids.add(body["id"])
-        name, n = plan[i]
-        assert body["choices"][0]["message"]["content"] == reference(name, n), (i, name, n)
-        batch_sizes.append(body["echocxr"]["batch_size"])
+        out = r.json()
+        ids.add(out["id"])
+        name, n, lang = plan[i]
+        assert out["choices"][0]["message"]["content"] == reference(name, n, lang), (i, name, n, lang)
+        assert out["echocxr"]["language"] == lang
+        batch_sizes.append(out["echocxr"]["batch_size"])
     assert len(ids) == 200
     assert max(batch_sizes) > 1  # requests really were batched together
     metrics = httpx.get(server + "/metrics").text

@@ -399,7 +399,7 @@ def create_app(backend, config: ServeConfig | None = None) -> FastAPI:
 
     # ------------------------------------------------------------------ native
     @app.post("/v1/reports")
-    async def reports(request: Request, stream: int = 0):
+    async def reports(request: Request, stream: bool = False):
         t_arrival = time.perf_counter()
         # a form without files arrives url-encoded; it then fails as "frontal: missing"
         _require_type(request, "multipart/form-data", "application/x-www-form-urlencoded")

@@ -2,8 +2,8 @@
 
 Grouping rule: two requests share a decode batch when their `DecodeConfig`s are equal apart from
 `max_new_tokens` (same decoder, block size, steps, strategy, threshold, fusion, temperature, top-k,
-top-p, seed) and their studies have the same number of images (so prompts have one length and no
-row is padded). Each row stops at its own `max_tokens`. At temperature 0 a row's output does not
+top-p, seed), their studies have the same number of images and the same language (so prompts are
+identical but for the image pixels: no row is padded). Each row stops at its own `max_tokens`. At temperature 0 a row's output does not
 depend on its batch-mates (tests/test_serve.py checks this under load).
 
 Scheduling: the oldest waiting request opens a batch; the worker waits until `max_batch`
@@ -66,8 +66,8 @@ class Job:
     key: tuple = field(init=False)
 
     def __post_init__(self) -> None:
-        # the grouping rule (module docstring): equal configs but for max_new_tokens, equal image count
-        self.key = (replace(self.cfg, max_new_tokens=1), self.n_images)
+        # the grouping rule (module docstring): equal configs but for max_new_tokens, equal prompts
+        self.key = (replace(self.cfg, max_new_tokens=1), self.n_images, self.example.language)
 
 
 class Batcher:
