@@ -254,7 +254,8 @@ def create_app(backend, config: ServeConfig | None = None) -> FastAPI:
             except RuntimeError:  # the loop is gone (server stopped): nobody is waiting
                 pass
 
-        job = Job(backend.example(images, language), cfg, sink, n_images=len(images))
+        example = await run_in_threadpool(backend.example, images, language)  # image resizing: off the loop
+        job = Job(example, cfg, sink, n_images=len(images))
         try:
             batcher.submit(job)
         except (QueueFull, Closed) as e:

@@ -1,7 +1,8 @@
 """The model-facing part of the server: one object that owns the checkpoint and decodes batches.
 
-`ReportBackend` is the only place that touches the model. The batcher's worker thread is its only
-caller, so nothing here is shared between threads. It drives one `echocxr.decode.engine.Engine`,
+`ReportBackend` is the only place that touches the model. The batcher's worker thread is the only
+caller of `decode`; request handlers call only the read-only helpers (`example`: image resizing,
+`text`: detokenizing, `prompt_tokens`). It drives one `echocxr.decode.engine.Engine`,
 which allocates its KV-cache buffers (and captured graphs on CUDA) once per batch row count and
 reuses them call after call, and which calls back after every committed block (every token for
 AR): those callbacks become the per-block stream.
@@ -65,6 +66,7 @@ class ReportBackend:
         )
         self.meta, self.cfg = self.engine.meta, self.engine.cfg
         self.eos = self.model.special.eos
+        self._prompt_len: dict[tuple[int, str], int] = {}
 
     @property
     def stage(self) -> str:
@@ -92,9 +94,14 @@ class ReportBackend:
         return self.engine.text(ids)
 
     def prompt_tokens(self, n_images: int, language: str) -> int:
+        """Prompt length in tokens (image tokens included): the `usage.prompt_tokens` of a request."""
         from echocxr.model.prompt import prompt_ids
 
-        return len(prompt_ids(self.tokenizer, n_images, self.model.config.image_tokens, language))
+        key = (n_images, language)
+        if key not in self._prompt_len:
+            ids = prompt_ids(self.tokenizer, n_images, self.model.config.image_tokens, language)
+            self._prompt_len[key] = len(ids)
+        return self._prompt_len[key]
 
     def decode(
         self,
