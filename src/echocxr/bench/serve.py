@@ -27,6 +27,7 @@ import datetime
 import json
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -107,15 +108,23 @@ async def _load(url: str, body: dict, concurrency: int, n: int, time_limit: floa
 
 
 def _direct_ms(backend, data: bytes, name: str, cfg, repeats: int) -> float:
-    """Median ms to decode the image in-process at batch 1 (the per-image work of generate)."""
+    """Median ms to decode the image in-process at batch 1 (the per-image work of generate), in a
+    thread of its own as the server's decode thread is: on a loaded machine torch's CPU kernels
+    ran several times slower from the main thread than from a fresh one (docs/SERVE.md)."""
     from echocxr.serve.images import decode_upload
 
     times = []
-    for _ in range(repeats + 1):  # the first is a warm-up
-        t = time.perf_counter()
-        example = backend.example([decode_upload(data, name, max_side=1 << 30)], "en")
-        backend.decode([example], cfg, [cfg.max_new_tokens])
-        times.append((time.perf_counter() - t) * 1000)
+
+    def work() -> None:
+        for _ in range(repeats + 1):  # the first is a warm-up
+            t = time.perf_counter()
+            example = backend.example([decode_upload(data, name, max_side=1 << 30)], "en")
+            backend.decode([example], cfg, [cfg.max_new_tokens])
+            times.append((time.perf_counter() - t) * 1000)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
     return statistics.median(times[1:])
 
 
