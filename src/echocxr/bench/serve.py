@@ -31,6 +31,7 @@ import threading
 import time
 from pathlib import Path
 
+from echocxr.decode.config import DECODERS
 from echocxr.errors import UserError
 
 
@@ -54,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--max-tokens", type=int, default=None, help="per request (default: the server's)")
     p.add_argument("--modes", default="on,off", help="batching modes to run: on, off or both")
-    p.add_argument("--decoder", choices=("ar", "block", "onestep"), help="default: from the checkpoint")
+    p.add_argument("--decoder", choices=DECODERS, help="default: from the checkpoint")
     p.add_argument("--direct-repeats", type=int, default=5, help="timed in-process decodes for direct_p50_ms")
     p.add_argument("--warmup", type=int, default=2, help="untimed requests per mode")
     p.add_argument("--device", default="cpu")

@@ -25,13 +25,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from echocxr.decode.config import DECODERS
 from echocxr.errors import UserError
 from echocxr.serve.batcher import Batcher, Closed, Delta, Done, Failed, Job, QueueFull
 from echocxr.serve.config import ServeConfig
 from echocxr.serve.images import decode_upload
 from echocxr.serve.schemas import ChatRequest, data_uri_bytes, image_parts, language_of
-
-DECODERS = ("ar", "block", "onestep")
 
 
 class ApiError(Exception):
@@ -147,8 +146,7 @@ def create_app(backend, config: ServeConfig | None = None) -> FastAPI:
     config = config or ServeConfig()
     limits = config.limits
     model_name = config.model_name or "echocxr"
-    batcher_box: list[Batcher] = []
-    metrics = Metrics(lambda: batcher_box[0].depth if batcher_box else 0)
+    metrics = Metrics(lambda: batcher.depth)  # read at scrape time, when `batcher` exists
     batcher = Batcher(
         backend,
         max_batch=config.max_batch,
@@ -156,7 +154,6 @@ def create_app(backend, config: ServeConfig | None = None) -> FastAPI:
         max_queue=limits.max_queue,
         on_batch=metrics.batch_size.observe,
     )
-    batcher_box.append(batcher)
 
     @asynccontextmanager
     async def lifespan(app):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from echocxr.decode.config import DECODERS
 from echocxr.serve.config import Limits, ServeConfig
 
 
@@ -22,9 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-wait-ms", type=float, default=d.max_wait_ms, help="how long a request waits for batch-mates"
     )
-    p.add_argument(
-        "--decoder", choices=("ar", "block", "onestep"), help="default: from the checkpoint's stage"
-    )
+    p.add_argument("--decoder", choices=DECODERS, help="default: from the checkpoint's stage")
     p.add_argument("--block-size", type=int, help="default: the checkpoint's block size")
     p.add_argument("--steps", type=int, help="denoising steps per block for the block decoder")
     p.add_argument("--no-fuse", action="store_true", help="onestep: separate commit forward")

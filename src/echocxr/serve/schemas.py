@@ -49,7 +49,7 @@ class ChatRequest(BaseModel):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    decoder: Literal["ar", "block", "onestep"] | None = None
+    decoder: str | None = None  # checked against decode.config.DECODERS by the app
     language: Literal["en", "zh"] | None = None
 
 
