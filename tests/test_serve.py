@@ -579,3 +579,33 @@ def test_timeout_queue_limit_and_chunked_oversized_body(backend, pngs):
         time.sleep(1.6)  # the worker has taken the timed-out job by now, and skipped it
         assert app.state.batcher.depth == 0
         assert _batch_count(httpx.get(url + "/metrics").text) == 0
+
+
+def test_dicom_and_jpeg_uploads(server, pngs):
+    """A valid DICOM (12-bit, made from a real PNG) and a JPEG are read like the PNG."""
+    import numpy as np
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    png = pngs[sorted(pngs)[0]]
+    arr = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.uint16) * 16
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PhotometricInterpretation = "DX", "MONOCHROME2"
+    ds.Rows, ds.Columns = arr.shape
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 16, 12, 11, 0
+    ds.PixelData = arr.tobytes()
+    dcm = io.BytesIO()
+    ds.save_as(dcm, enforce_file_format=True)
+    jpg = io.BytesIO()
+    Image.open(io.BytesIO(png)).convert("L").save(jpg, format="JPEG", quality=95)
+    for name, data in (("study.dcm", dcm.getvalue()), ("study.jpg", jpg.getvalue())):
+        r = httpx.post(
+            server + "/v1/reports", files={"frontal": (name, data)}, data={"max_tokens": "4"}, timeout=60
+        )
+        assert r.status_code == 200, (name, r.text)
+        assert r.json()["timings"]["tokens"] >= 1
