@@ -531,8 +531,8 @@ def test_bench_serve_prints_one_json_line_per_mode_and_concurrency(ckpt, iu_imag
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [(x["batching"], x["concurrency"]) for x in lines] == [
         (True, 1),
-        (True, 3),
         (False, 1),
+        (True, 3),
         (False, 3),
     ]
     for x in lines:

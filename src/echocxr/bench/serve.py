@@ -1,8 +1,9 @@
 """`echocxr bench serve`: throughput and latency of `echocxr serve`, dynamic batching on and off.
 
-For each batching mode the app is started in this process on 127.0.0.1 (a free port; nothing
-else is contacted) with `--max-batch` (on) or 1 (off: one request at a time). For each
-concurrency C, C closed-loop clients (httpx, asyncio) each send the next request as soon as the
+For each concurrency C and batching mode (alternating, so a drift in machine load hits both
+alike) the app is started in this process on 127.0.0.1 (a free port; nothing else is contacted)
+with `--max-batch` (on) or 1 (off: one request at a time); after `--warmup` requests,
+C closed-loop clients (httpx, asyncio) each send the next request as soon as the
 previous one returned, until `--requests` requests were sent or `--time-limit` seconds passed.
 Every request is the same OpenAI chat completion (one image, temperature 0), so every report has
 the same length and the modes are compared on equal work. One JSON line per (mode, concurrency):
@@ -15,7 +16,7 @@ the same length and the modes are compared on equal work. One JSON line per (mod
   generate`, without its process start and model load); overhead = p50_ms / direct_p50_ms - 1.
 
 Clients, server and decode thread share this process (and its GIL): a client-side cost that a
-separate client process would not add to the server. Warm-up requests precede each mode.
+separate client process would not add to the server.
 """
 
 from __future__ import annotations
@@ -110,8 +111,7 @@ async def _load(url: str, body: dict, concurrency: int, n: int, time_limit: floa
 
 def _direct_ms(backend, data: bytes, name: str, cfg, repeats: int) -> float:
     """Median ms to decode the image in-process at batch 1 (the per-image work of generate), in a
-    thread of its own as the server's decode thread is: on a loaded machine torch's CPU kernels
-    ran several times slower from the main thread than from a fresh one (docs/SERVE.md)."""
+    thread of its own as the server's decode thread is."""
     from echocxr.serve.images import decode_upload
 
     times = []
@@ -182,21 +182,20 @@ def run(args) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     lines = []
-    for mode in modes:
-        max_batch = args.max_batch if mode == "on" else 1
-        app = create_app(
-            backend, ServeConfig(max_batch=max_batch, max_wait_ms=args.max_wait_ms, limits=limits)
-        )
-        with BackgroundServer(app) as url:
-            asyncio.run(_load(url, body, 1, args.warmup, args.time_limit))
-            for c in levels:
+    for c in levels:  # modes alternate per concurrency, so a drift in machine load hits both alike
+        for mode in modes:
+            max_batch = args.max_batch if mode == "on" else 1
+            serve_cfg = ServeConfig(max_batch=max_batch, max_wait_ms=args.max_wait_ms, limits=limits)
+            with BackgroundServer(create_app(backend, serve_cfg)) as url:
+                if args.warmup:
+                    asyncio.run(_load(url, body, min(c, args.warmup), args.warmup, args.time_limit))
                 stats = asyncio.run(_load(url, body, c, args.requests, args.time_limit))
-                line = {**common, "batching": mode == "on", "max_batch": max_batch, "concurrency": c, **stats}
-                if c == 1:
-                    line["direct_p50_ms"] = round(direct, 1)
-                    line["overhead"] = round(stats["p50_ms"] / direct - 1, 3)
-                print(json.dumps(line), flush=True)
-                lines.append(line)
+            line = {**common, "batching": mode == "on", "max_batch": max_batch, "concurrency": c, **stats}
+            if c == 1:
+                line["direct_p50_ms"] = round(direct, 1)
+                line["overhead"] = round(stats["p50_ms"] / direct - 1, 3)
+            print(json.dumps(line), flush=True)
+            lines.append(line)
     if args.append:
         path = Path(args.append)
         path.parent.mkdir(parents=True, exist_ok=True)
