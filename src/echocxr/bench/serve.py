@@ -16,7 +16,7 @@ the same length and the modes are compared on equal work. One JSON line per (mod
   generate`, without its process start and model load); overhead = p50_ms / direct_p50_ms - 1.
 
 The server and its decode thread run in this process; the clients run in a spawned child
-process (in-process clients added ~40 ms per request of thread hand-over, a client artefact).
+process, so they do not compete with the server for this process's GIL.
 """
 
 from __future__ import annotations
@@ -189,9 +189,7 @@ def run(args) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     lines = []
-    # The clients run in a child process: in the server's own process each request paid ~40 ms of
-    # thread hand-over between client and server (measured with /health: 44 ms in-process, 2 ms
-    # from another process), which is a client artefact, not server cost.
+    # The clients run in a child process, as real clients would, not competing for this GIL.
     clients = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
     for c in levels:  # modes alternate per concurrency, so a drift in machine load hits both alike
         for mode in modes:
