@@ -70,7 +70,8 @@ def backend(ckpt):
 def reference(backend, pngs):
     """Single-request reference, computed before any server runs: a fresh `Engine` (its own
     caches) decoding one study per batch, for each (image, language, max_tokens, decoder)."""
-    from echocxr.batch import collate
+    from echocxr.batch import Example, collate
+    from echocxr.data.images import prepare_image
 
     cache, n_img = {}, backend.model.config.image_tokens  # the prompt's image tokens (preset)
 
@@ -78,7 +79,8 @@ def reference(backend, pngs):
         key = (name, max_tokens, language, decoder)
         if key not in cache:
             img = decode_upload(pngs[name], name, max_side=4096)
-            batch = collate([backend.example([img], language)], backend.tokenizer, backend.processor, n_img)
+            example = Example([prepare_image(img, backend.model.config.image_size)], language)
+            batch = collate([example], backend.tokenizer, backend.processor, n_img)
             cfg = DecodeConfig(decoder=decoder, block_size=BLOCK, steps=BLOCK, max_new_tokens=max_tokens)
             engine = Engine(backend.model, cfg, device="cpu", tokenizer=backend.tokenizer)  # fresh caches
             ids = engine.generate(batch).tokens[0]
@@ -609,3 +611,25 @@ def test_dicom_and_jpeg_uploads(server, pngs):
         )
         assert r.status_code == 200, (name, r.text)
         assert r.json()["timings"]["tokens"] >= 1
+
+
+def test_merged_rows_equal_collate_of_the_same_studies(backend, pngs):
+    """The decode thread stacks one-row batches prepared by request threads; the result must be
+    exactly what `batch.collate` builds from the same studies (the slow, canonical path)."""
+    from echocxr.batch import Example, collate
+    from echocxr.data.images import prepare_image
+    from echocxr.serve.backend import merge_rows
+
+    size, names = backend.model.config.image_size, sorted(pngs)
+    for n_images in (1, 2):
+        studies = [
+            [decode_upload(pngs[names[(i + k) % 4]], "x", max_side=4096) for k in range(n_images)]
+            for i in range(3)
+        ]
+        merged = merge_rows([backend.example(imgs, "zh") for imgs in studies])
+        examples = [Example([prepare_image(im, size) for im in imgs], "zh") for imgs in studies]
+        ref = collate(examples, backend.tokenizer, backend.processor, backend.model.config.image_tokens)
+        for name in ("prompt_ids", "prompt_valid", "pixel_values", "grid_thw"):
+            assert torch.equal(getattr(merged, name), getattr(ref, name)), (n_images, name)
+    with pytest.raises(ValueError, match="different prompts"):
+        merge_rows([backend.example(studies[0][:1], "en"), backend.example(studies[0][:1], "zh")])

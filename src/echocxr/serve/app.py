@@ -251,7 +251,7 @@ def create_app(backend, config: ServeConfig | None = None) -> FastAPI:
             except RuntimeError:  # the loop is gone (server stopped): nobody is waiting
                 pass
 
-        example = await run_in_threadpool(backend.example, images, language)  # image resizing: off the loop
+        example = await run_in_threadpool(backend.example, images, language)  # image work: off the loop
         job = Job(example, cfg, sink, n_images=len(images))
         try:
             batcher.submit(job)

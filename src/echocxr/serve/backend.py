@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from echocxr.batch import Batch
+
 
 @dataclass
 class RowEvent:
@@ -24,6 +26,38 @@ class RowEvent:
     finished: bool
     forwards: int  # forwards run so far in this batch (prefill excluded)
     elapsed_ms: float  # since the batch's decode call started (prefill included)
+
+
+@dataclass
+class Row:
+    """One study ready to decode: a one-row `Batch` (from `batch.collate`) and what groups it."""
+
+    batch: Batch
+    language: str
+    n_images: int
+
+
+def merge_rows(rows: list[Row]) -> Batch:
+    """One-row batches with identical prompts -> one batch (rows stacked in order).
+
+    Equal to `batch.collate` of the same examples (tests/test_serve.py checks it), without
+    re-running the image processor on the decode thread. Raises ValueError when prompts differ
+    (the batcher's grouping rule never sends such rows together).
+    """
+    import torch
+
+    first = rows[0].batch
+    for r in rows[1:]:
+        if not torch.equal(r.batch.prompt_ids, first.prompt_ids):
+            raise ValueError("rows with different prompts cannot share a batch without padding")
+    cat = lambda name: torch.cat([getattr(r.batch, name) for r in rows])  # noqa: E731
+    return Batch(
+        prompt_ids=cat("prompt_ids"),  # [B, P]
+        prompt_valid=cat("prompt_valid"),  # [B, P]
+        pixel_values=cat("pixel_values"),  # [sum of patches, C*T*P*P]
+        grid_thw=cat("grid_thw"),  # [n_images, 3], in row order as collate lists them
+        record_ids=[i for r in rows for i in r.batch.record_ids],
+    )
 
 
 @dataclass
@@ -79,15 +113,19 @@ class ReportBackend:
         value = self.meta.get("trained_on")
         return value if value in ("real", "phantom") else "unknown"
 
-    def example(self, images, language: str):
-        """Decoded images of one study -> the model's input for it (fixed instruction, EN or ZH).
-        Each image goes through `data.images.prepare_image` at the preset's image size, the one
-        preprocessing step training and `echocxr generate` share."""
-        from echocxr.batch import Example
+    def example(self, images, language: str) -> Row:
+        """Decoded images of one study -> its model input as a one-row `Batch` (`batch.collate`:
+        the fixed instruction in EN or ZH, the image processor's patches). Each image first goes
+        through `data.images.prepare_image` at the preset's image size, the one preprocessing step
+        training and `echocxr generate` share. Request threads call this, so the image work runs
+        beside the decode thread instead of on it."""
+        from echocxr.batch import Example, collate
         from echocxr.data.images import prepare_image
 
         size = self.model.config.image_size
-        return Example([prepare_image(im, size) for im in images], language)
+        example = Example([prepare_image(im, size) for im in images], language)
+        batch = collate([example], self.tokenizer, self.processor, self.model.config.image_tokens)
+        return Row(batch, language, len(images))
 
     def text(self, ids: list[int]) -> str:
         """Token ids (EOS excluded) -> text, through the engine (which refuses guarded ids)."""
@@ -110,12 +148,10 @@ class ReportBackend:
         max_new_tokens: list[int],
         on_event: Callable[[RowEvent], None] | None = None,
     ) -> list[RowResult]:
-        """Decode `examples` as one batch with `cfg` (its max_new_tokens is ignored: each row stops at
-        its own `max_new_tokens[i]`). `on_event` is called from this thread as blocks commit."""
-        from echocxr.batch import collate
-
-        batch = collate(examples, self.tokenizer, self.processor, self.model.config.image_tokens)
-        batch = batch.to(self.device)
+        """Decode `examples` (`Row`s from `example`, with identical prompts) as one batch with `cfg`
+        (its max_new_tokens is ignored: each row stops at its own `max_new_tokens[i]`). `on_event`
+        is called from this thread as blocks commit."""
+        batch = merge_rows(examples).to(self.device)
         cfg = replace(cfg, max_new_tokens=max(max_new_tokens))
         emit = on_event or (lambda ev: None)
         t0 = time.perf_counter()

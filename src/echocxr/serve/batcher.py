@@ -57,7 +57,7 @@ class Job:
     """One request's study. `sink` receives Delta* then exactly one Done or Failed; the worker
     calls it from its own thread, so it must be thread-safe (the app posts to the event loop)."""
 
-    example: object  # echocxr.batch.Example
+    example: object  # backend.Row: the study as a one-row batch
     cfg: object  # DecodeConfig; its max_new_tokens is this request's max_tokens
     sink: Callable[[object], None]
     n_images: int = 1
