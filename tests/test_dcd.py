@@ -277,7 +277,7 @@ def test_ablation_switches_change_the_objective(tiny):
     assert float(no_eos[0]) == pytest.approx(fwd[1]["kl"], rel=1e-5)
     assert no_w[1]["kl"] != pytest.approx(fwd[1]["kl"])
     # onestep-ft: the CE of the fully masked one-step student on the loop's ground-truth batch
-    from echocxr.train.rad import AR_SHIFT
+    from echocxr.model.layout import AR_SHIFT
 
     with torch.no_grad():
         logits = rad_student_logits(model, batch, batch.response_ids, 4, AR_SHIFT)

@@ -136,3 +136,22 @@ def test_decode_config_from_checkpoint_metadata():
         DecodeConfig.from_checkpoint({}, None, blocksize=4)
     with pytest.raises(UserError, match="steps must be"):
         replace(DecodeConfig(decoder="block", block_size=4), steps=5)
+
+
+@pytest.mark.gpu
+def test_graph_steps_equal_eager_and_are_captured_once_on_gpu(tiny):
+    model, _, batch = tiny
+    model.cuda()
+    try:
+        a, b = batch([0, 1, 2, 3]), batch([3, 2, 1, 0])
+        for dc in CONFIGS.values():
+            eager = Engine(model, dc, device="cuda", mode="eager")
+            graph = Engine(model, dc, device="cuda", mode="graph")
+            assert graph.generate(a).tokens == eager.generate(a).tokens
+            captured = {k: dict(s.fast.graphs) for k, s in graph.steps.items()}
+            assert graph.generate(b).tokens == eager.generate(b).tokens
+            assert graph.allocations == 1
+            for k, s in graph.steps.items():  # the second call replayed the first call's graphs
+                assert all(s.fast.graphs[shape] is g for shape, g in captured[k].items())
+    finally:
+        model.cpu()

@@ -110,3 +110,53 @@ def test_load_errors_are_clear(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(UserError):
         EchoVLM.from_pretrained(tmp_path)
+
+
+def test_decoder_layers_keep_transformers_names_and_are_called_as_modules(tiny):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from echocxr.model.vlm import DecoderLayer
+
+    model, tok, proc, cfg = tiny
+    plain = Qwen2_5_VLForConditionalGeneration(model.hf.config)
+    assert list(model.hf.state_dict()) == list(plain.state_dict())  # checkpoints, LoRA targets
+    assert all(isinstance(layer, DecoderLayer) for layer in model.lm.layers)
+    calls = []
+    hooks = [layer.register_forward_pre_hook(lambda m, a: calls.append(m.index)) for layer in model.layers]
+    ids, pv, thw = _batch(tok, proc, cfg)
+    with torch.no_grad():
+        model(model.embed(ids, pv, thw), model.positions(ids, thw))
+    for h in hooks:
+        h.remove()
+    assert calls == list(range(cfg.num_layers))  # the per-layer hooks FSDP2 relies on fire, in order
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tiny):
+    model, tok, proc, cfg = tiny
+    ids, pv, thw = _batch(tok, proc, cfg)
+    model.train()
+
+    runs = []  # MLP forwards of layer 0: once, or again in backward when recomputed
+    hook = model.layers[0].mlp.register_forward_pre_hook(lambda m, a: runs.append(1))
+
+    def grads(checkpoint: bool):
+        for layer in model.layers:
+            layer.checkpoint = checkpoint
+        model.zero_grad(set_to_none=True)
+        runs.clear()
+        x = model.embed(ids, pv, thw)
+        model.logits(model(x, model.positions(ids, thw))).float().square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, len(runs)
+
+    try:
+        (plain, n_plain), (ckpt, n_ckpt) = grads(False), grads(True)
+    finally:
+        hook.remove()
+        for layer in model.layers:
+            layer.checkpoint = False
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    assert (n_plain, n_ckpt) == (1, 2)
+    assert plain.keys() == ckpt.keys() and len(plain) > 10
+    for n in plain:
+        torch.testing.assert_close(ckpt[n], plain[n], msg=n)

@@ -518,7 +518,7 @@ def real_image_reports(ckpts: dict[str, Path], images: Path, corpus: Path, folde
     """Reports for the real IU radiographs by each model (greedy), beside the study's own report
     where the corpus has it. Phantom-trained models: no clinical meaning."""
     from echocxr.batch import Example, collate
-    from echocxr.data.images import load_image
+    from echocxr.data.images import load_image, prepare_image
     from echocxr.data.records import read_jsonl
     from echocxr.decode.engine import Engine
 
@@ -536,7 +536,7 @@ def real_image_reports(ckpts: dict[str, Path], images: Path, corpus: Path, folde
         model, tok, proc = engine.model, engine.tokenizer, engine.processor
         n_views = len(engine.meta.get("views") or ("frontal",))
         for sid, paths in studies.items():
-            ims = [load_image(p).convert("L").resize((model.config.image_size,) * 2) for p in paths[:n_views]]
+            ims = [prepare_image(load_image(p), model.config.image_size) for p in paths[:n_views]]
             batch = collate([Example(ims, "en")], tok, proc, model.config.image_tokens).to(device)
             text = engine.text(engine.generate(batch).tokens[0]).strip()
             rows.append(

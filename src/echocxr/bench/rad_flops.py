@@ -91,10 +91,9 @@ def _step_inputs(model, layout: Layout, V: int, R: int, batch: int, device, dtyp
         p = torch.cat([torch.arange(V + R), torch.arange(V + R)])
     pos = p.to(device)[None, None].expand(3, batch, S)
     if flex:
-        from torch.nn.attention.flex_attention import create_block_mask
+        from echocxr.model.masks import flex_block_mask
 
-        rule = layout.rule
-        mask = create_block_mask(lambda b, h, q, k: rule(q, k), None, None, S, S, device=device)
+        mask = flex_block_mask(layout.rule, S, S, device=device)  # no padding: one mask for all rows
     else:
         mask = layout.mask(device)[None, None]
     x = torch.randn(batch, S, model.lm.config.hidden_size, device=device, dtype=dtype)

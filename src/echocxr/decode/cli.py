@@ -44,38 +44,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_image(path: str | os.PathLike):
-    """A grayscale PIL image; the data package's loader (DICOM windowing) when it is installed."""
-    try:
-        from echocxr.data.images import load_image as data_load_image
-    except ImportError:
-        return _load_image_plain(Path(path))
+    """A grayscale PIL image at the file's size (`echocxr.data.images.load_image`: DICOM windowing,
+    EXIF orientation, size checks); `UserError` naming the file when it cannot be used."""
+    from echocxr.data.images import load_image as data_load_image
+
     return data_load_image(path)
-
-
-def _load_image_plain(path: Path):
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file():
-        raise UserError(f"{path}: image file not found")
-    with path.open("rb") as f:
-        head = f.read(132)
-    if path.suffix.lower() in (".dcm", ".dicom") or head[128:132] == b"DICM":
-        import pydicom
-
-        try:
-            pixels = pydicom.dcmread(path).pixel_array.astype(np.float64)
-        except Exception as e:  # pydicom raises many types for broken files; all mean "unreadable"
-            raise UserError(f"{path}: unreadable DICOM ({e})") from None
-        lo, hi = np.percentile(pixels, (0.5, 99.5))  # plain min/max windowing is dominated by outliers
-        scaled = np.clip((pixels - lo) * (255.0 / max(hi - lo, 1e-6)), 0, 255)
-        return Image.fromarray(scaled.astype(np.uint8)).convert("L")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("L")
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        raise UserError(f"{path}: unreadable or corrupt image ({e})") from None
 
 
 def resolve_device(name: str) -> str:
@@ -116,6 +89,7 @@ def run(args) -> int:
     import torch
 
     from echocxr.batch import Example, collate
+    from echocxr.data.images import prepare_image
     from echocxr.data.records import parse_report
     from echocxr.decode.engine import Engine
 
@@ -125,6 +99,9 @@ def run(args) -> int:
     device = resolve_device(args.device)
     engine = Engine.from_checkpoint(args.ckpt, device=device, **decode_overrides(args))
     cfg, model = engine.cfg, engine.model
+    # The same step as training: pad to the model's square input (aspect ratio kept), so the
+    # processor's grid matches the prompt's image slots whatever the file's shape.
+    images = [prepare_image(im, model.config.image_size) for im in images]
     results = []
     for i in range(0, len(images), args.batch_size):
         files, ims = args.images[i : i + args.batch_size], images[i : i + args.batch_size]

@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from echocxr.errors import UserError
+from echocxr.model.config import ModelConfig
+from echocxr.model.denoise import STRATEGIES  # the unmasking orders, beside the loop that uses them
 
 DECODERS = ("ar", "block", "onestep")
-STRATEGIES = ("confidence_dynamic", "confidence_static", "sequential")
 # The decoder a checkpoint of each training stage is meant for (echocxr.json "stage").
 STAGE_DECODER = {"ar": "ar", "rad": "block", "dcd": "onestep"}
 
@@ -22,7 +23,8 @@ STAGE_DECODER = {"ar": "ar", "rad": "block", "dcd": "onestep"}
 @dataclass(frozen=True)
 class DecodeConfig:
     decoder: str = "ar"
-    max_new_tokens: int = 160  # a checkpoint's own max_response_tokens wins (from_checkpoint)
+    # without a checkpoint, the preset default's response length; a checkpoint's own wins
+    max_new_tokens: int = ModelConfig.max_response_tokens
     block_size: int = 8  # B (paper: 4, 8 or 16); a checkpoint's trained block size wins
     steps: int | None = None  # denoising steps per block ("block" only), 1..B; None: B (one token/step)
     strategy: str = "confidence_dynamic"

@@ -36,17 +36,16 @@ from echocxr.decode.common import (
     Output,
     allocate_cache,
     banned_tokens,
+    decode_mask,
     guard,
     prefill,
     sample,
     text_positions,
-    with_padding,
 )
 from echocxr.decode.config import DecodeConfig
 from echocxr.decode.graphs import GraphStep, StaticKV, compiled_step, full_capacity
 from echocxr.errors import UserError
 from echocxr.model.kvcache import KVCache
-from echocxr.model.masks import decode_block
 
 LOOPS = {"ar": ar.decode, "block": block.decode, "onestep": onestep.decode}
 SLOT_QUANTUM = 64  # cache slots are allocated in multiples of this
@@ -68,7 +67,7 @@ class Step:
     """step(ids [rows, Q], next_pos [rows], offset) -> hidden [rows, Q, D]: Q new tokens (whole
     blocks of `block`) at text offset `offset` after each row's prompt, keys/values written at the
     cache's committed length without committing them (the loop does). The mask is
-    `masks.decode_block` (with block 1, plain causal) plus the prompt padding.
+    `layout.decode_mask` (with block 1, plain causal; padded prompt slots hidden).
 
     mode "eager": attend to the used slots only. "static": fixed shapes, attention over the whole
     cache capacity with a mask and KV written at a position tensor (`graphs.StaticKV`). "graph": the
@@ -95,7 +94,7 @@ class Step:
     def __call__(self, ids: torch.Tensor, next_pos: torch.Tensor, offset: int) -> torch.Tensor:
         cache, Q = self.cache, ids.shape[1]
         pos = text_positions(next_pos, offset, Q)  # [3, rows, Q]
-        mask = with_padding(cache, decode_block(cache.length, Q, self.block, ids.device))
+        mask = decode_mask(cache.key_valid, cache.length, Q, self.block)  # [rows, 1, Q, length + Q]
         if self.fast is None:
             return self.model(self.model.embed(ids), pos, mask, cache=cache)
         start = torch.tensor([cache.length], device=ids.device)
@@ -175,6 +174,7 @@ class Engine:
     tokenizer the guard bans only `model.special`'s ids other than EOS). `from_checkpoint` loads
     a checkpoint and builds its default DecodeConfig (`DecodeConfig.from_checkpoint`).
     mode: the step mode (`Step.MODES`); default "graph" on CUDA, "eager" elsewhere.
+    Not thread-safe: one `generate` at a time (the calls share the cache buffers).
     """
 
     def __init__(
@@ -189,7 +189,7 @@ class Engine:
         mode: str | None = None,
     ):
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device)  # its train/eval mode is the caller's (from_checkpoint: eval)
         self.cfg = cfg or DecodeConfig()
         self.tokenizer, self.processor, self.meta = tokenizer, processor, meta or {}
         self.mode = mode or ("graph" if self.device.type == "cuda" else "eager")
@@ -209,6 +209,7 @@ class Engine:
         from echocxr.model.vlm import EchoVLM
 
         model, tokenizer, processor, meta = EchoVLM.from_pretrained(path, device=device)
+        model.eval()
         if model.config is None:  # the prompt's image-token count comes from the preset
             raise UserError(f"{path}: no echocxr.json with the model preset (save it with echocxr train)")
         cfg = DecodeConfig.from_checkpoint(meta, model.config, **overrides)

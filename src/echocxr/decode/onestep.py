@@ -9,7 +9,7 @@ the previous step) in front of it, with `masks.decode_block(cached, 2B, B)`: blo
 to the cache and itself, so its keys are exactly those of the vanilla commit forward, and block i
 sees it as clean context. One forward per block: N forwards, the same FLOPs, half the launches.
 
-Token shift (`train.rad.AR_SHIFT`, the rule RAD trains with): token j is predicted from slot j-1,
+Token shift (`model.layout.AR_SHIFT`, the rule RAD trains with): token j is predicted from slot j-1,
 so the first token of block i is read from the last hidden state of block i-1, which both the
 vanilla commit forward and the fused forward compute; for block 0 it is the prefill's last logits.
 
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from echocxr.train.rad import AR_SHIFT, logits_for_block  # one shift rule for training and decoding
+from echocxr.model.layout import AR_SHIFT, logits_for_block  # one shift rule for training and decoding
 
 if TYPE_CHECKING:
     from echocxr.decode.engine import Run

@@ -366,7 +366,7 @@ def eos_confidence(model, batch, block: int) -> dict[str, list[float]]:
 
     One forward in the RAD layout [prompt | noisy (all <|mask|>) | clean reference]: noisy block i
     sees the prompt, clean blocks < i and itself, and each token is read from the slot the decoders
-    read it from (the token shift of `train.rad.AR_SHIFT`; `train.dcd.rad_student_logits`).
+    read it from (the token shift of `model.layout.AR_SHIFT`; `model.layout.rad_student_logits`).
     Confidence = the probability given to the reference token. Positions up to the end of the
     block holding each row's first EOS count; "eos" collects that first EOS and the EOS padding
     after it in its block (what the decoder must emit there), "content" every earlier token.
@@ -374,8 +374,7 @@ def eos_confidence(model, batch, block: int) -> dict[str, list[float]]:
     """
     import torch
 
-    from echocxr.train.dcd import rad_student_logits
-    from echocxr.train.rad import AR_SHIFT
+    from echocxr.model.layout import AR_SHIFT, rad_student_logits
 
     R = batch.response_ids.shape[1]
     if R % block:

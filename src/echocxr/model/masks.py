@@ -72,9 +72,15 @@ def dense(rule, q_len: int, k_len: int, *, q_offset: int = 0, device=None) -> to
 
 def flex_block_mask(rule, q_len: int, k_len: int, *, batch: int | None = None, device="cuda"):
     """FlexAttention BlockMask for `rule` (skips fully masked tiles: the source of RAD's speedup)."""
+    return block_mask_from_mod(lambda b, h, q, kv: rule(q, kv), q_len, k_len, batch=batch, device=device)
+
+
+def block_mask_from_mod(mask_mod, q_len: int, k_len: int, *, batch: int | None = None, device="cuda"):
+    """The one place that builds a FlexAttention BlockMask: `mask_mod(b, h, q, kv) -> bool`
+    (True = attend) over a [q_len, k_len] score matrix; batch None broadcasts over rows."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    return create_block_mask(lambda b, h, q, kv: rule(q, kv), batch, None, q_len, k_len, device=device)
+    return create_block_mask(mask_mod, batch, None, q_len, k_len, device=device)
 
 
 def rad_rule(prefix: int, response: int, block: int):
@@ -83,6 +89,21 @@ def rad_rule(prefix: int, response: int, block: int):
 
 def symmetric_rule(length: int, block: int):
     return partial(symmetric, length=length, block=block)
+
+
+def prompt_then_blocks(q, k, *, prefix: int, block: int):
+    """[prompt P | response] without a cache (the uncached decoding reference): the prompt is
+    causal; the response is block-causal in blocks counted from P and sees the whole prompt."""
+    in_prompt = (k < prefix) & (q >= k)
+    in_response = (k >= prefix) & (q >= prefix) & block_causal(q, k, block=block, offset=prefix)
+    return in_prompt | in_response
+
+
+def decode_rule(cached: int, block: int):
+    """Rule of a decoding forward after `cached` committed slots: every new query sees all committed
+    slots, and the new tokens see each other block-causally (blocks counted from `cached`).
+    block == 1 is the causal AR step (and, with cached == 0, the causal prefill)."""
+    return lambda q, k: (k < cached) | block_causal(q, k, block=block, offset=cached)
 
 
 # Decoding masks. The cache holds `cached` committed positions; the new queries occupy slots
@@ -100,7 +121,4 @@ def decode_block(cached: int, q_len: int, block: int, device=None) -> torch.Tens
     With q_len == block this is the noisy block rule; with [prev clean | current noisy] and
     q_len == 2 * block it is the fused one-step rule (the noisy block also sees the clean block
     before it, which RAD's clean-blocks-< i rule allows)."""
-    rule = partial(block_causal, block=block, offset=cached)
-    return dense(
-        lambda q, k: (k < cached) | rule(q, k), q_len, cached + q_len, q_offset=cached, device=device
-    )
+    return dense(decode_rule(cached, block), q_len, cached + q_len, q_offset=cached, device=device)

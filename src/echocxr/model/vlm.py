@@ -2,10 +2,14 @@
 
 transformers does what it does well: the configs, checkpoint loading and saving, the image
 processor, the vision tower and patch merger. We own what block diffusion must control: the
-M-RoPE positions, the attention masks, the KV cache and the decode step. `EchoVLM.forward` runs
-the language model's decoder layers (their own weights) with an arbitrary boolean mask or a
-FlexAttention block mask, optionally reading and writing a `KVCache`. tests/test_vlm.py checks
-that its logits match `Qwen2_5_VLForConditionalGeneration` on the same weights.
+M-RoPE positions, the attention masks, the KV cache and the decode step. Each of the language
+model's decoder layers becomes a `DecoderLayer` module (same submodules, so the same parameter
+names: checkpoints, peft LoRA targets and `save_pretrained`/`from_pretrained` are unchanged) whose
+`forward(x, rope, mask, kv)` runs attention and MLP with an arbitrary boolean mask or a
+FlexAttention block mask, optionally reading and writing a `KVCache`. `EchoVLM.forward` calls each
+layer as a module, so per-layer hooks fire: FSDP2's `fully_shard` per layer, per-layer activation
+checkpointing (`DecoderLayer.checkpoint`). tests/test_vlm.py checks that the logits match
+`Qwen2_5_VLForConditionalGeneration` on the same weights.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch import nn
 from echocxr.errors import UserError
 from echocxr.model.config import ModelConfig
 from echocxr.model.kvcache import KVCache
+from echocxr.model.layout import check_checkpoint, checkpoint_fields
 
 ECHO_CONFIG = "echocxr.json"  # our config beside the HF files: preset fields, stage, block size
 
@@ -107,6 +112,72 @@ def mrope_positions(
     return pos
 
 
+@dataclass(frozen=True)
+class CacheView:
+    """Where a forward reads and writes the KV cache: new keys go to slots start.. and queries
+    attend to the first kv_len slots (None: start + the new tokens)."""
+
+    cache: KVCache  # or decode.graphs.StaticKV: anything with write(layer, start, k, v, kv_len)
+    start: int | torch.Tensor
+    kv_len: int | None = None
+
+
+class DecoderLayer(nn.Module):
+    """One language-model block: x + attn(norm(x)), then + mlp(norm(x)) (Qwen2.5-VL's layer).
+
+    It takes over the submodules of transformers' layer under the same names (`self_attn.q_proj`,
+    `mlp.gate_proj`, `input_layernorm`, ...), so parameter names do not change. transformers' own
+    forward (the reference in tests, `generate`) still calls the layers with its arguments; without
+    `rope` the call is passed to transformers' layer, which shares these submodules.
+    """
+
+    def __init__(self, hf_layer: nn.Module, index: int, n_heads: int, n_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.self_attn = hf_layer.self_attn
+        self.mlp = hf_layer.mlp
+        self.input_layernorm = hf_layer.input_layernorm
+        self.post_attention_layernorm = hf_layer.post_attention_layernorm
+        if hasattr(hf_layer, "attention_type"):  # read by some transformers versions' forward
+            self.attention_type = hf_layer.attention_type
+        self.index, self.n_heads, self.n_kv_heads, self.head_dim = index, n_heads, n_kv_heads, head_dim
+        self.checkpoint = False  # recompute this layer's activations in backward (training only)
+        self._hf = (hf_layer,)  # a tuple, so not a second registered copy of the same parameters
+
+    def forward(self, x: torch.Tensor, rope=None, mask=None, kv: CacheView | None = None, **hf_kwargs):
+        """x [B, S, D], rope = (cos, sin) [B, 1, S, head_dim], mask (None: causal; a bool tensor
+        broadcastable to [B, 1, S, K], True = attend; or a FlexAttention BlockMask), kv: the cache
+        to read and write -> [B, S, D]."""
+        if rope is None:  # called by transformers' Qwen2_5_VLTextModel.forward
+            return self._hf[0](x, **hf_kwargs)
+        if self.checkpoint and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self._block, x, rope, mask, kv, use_reentrant=False)
+        return self._block(x, rope, mask, kv)
+
+    def _block(self, x, rope, mask, kv):
+        x = x + self._attention(self.input_layernorm(x), rope, mask, kv)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _attention(self, x, rope, mask, kv):
+        B, S, _ = x.shape
+        a, (cos, sin) = self.self_attn, rope
+        q = a.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, hd]
+        k = a.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = a.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        if kv is not None:
+            k, v = kv.cache.write(self.index, kv.start, k, v, kv.kv_len)
+        if mask is not None and not isinstance(mask, torch.Tensor):  # FlexAttention BlockMask
+            o = _flex_attention(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=True)
+        else:
+            o = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and kv is None, enable_gqa=True
+            )
+        return a.o_proj(o.transpose(1, 2).reshape(B, S, -1))
+
+
 class EchoVLM(nn.Module):
     """Vision tower -> patch merger -> language model, with our attention and cache."""
 
@@ -126,6 +197,9 @@ class EchoVLM(nn.Module):
             section = scaling["mrope_section"]
         self.mrope_section = tuple(int(s) for s in section)
         self.merge = hf.config.vision_config.spatial_merge_size
+        for i, layer in enumerate(lm.layers):
+            if not isinstance(layer, DecoderLayer):
+                lm.layers[i] = DecoderLayer(layer, i, self.n_heads, self.n_kv_heads, self.head_dim)
 
     # -- parts ---------------------------------------------------------------------------------
     @property
@@ -195,31 +269,17 @@ class EchoVLM(nn.Module):
         cache.length) and queries attend to the first kv_len slots (default start + S).
         """
         cos, sin = mrope_cos_sin(pos, self.lm.rotary_emb.inv_freq, self.mrope_section, x.dtype)
-        cos, sin = cos[:, None], sin[:, None]  # [B, 1, S, hd]
-        if cache is not None and start is None:
-            start = cache.length
-        for i, layer in enumerate(self.lm.layers):
-            x = x + self._attention(i, layer, layer.input_layernorm(x), cos, sin, mask, cache, start, kv_len)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        rope = (cos[:, None], sin[:, None])  # [B, 1, S, hd]
+        kv = None
+        if cache is not None:
+            kv = CacheView(cache, cache.length if start is None else start, kv_len)
+        for layer in self.lm.layers:
+            x = layer(x, rope, mask, kv)
         return self.lm.norm(x)
 
-    def _attention(self, i, layer, x, cos, sin, mask, cache, start, kv_len):
-        B, S, _ = x.shape
-        a = layer.self_attn
-        q = a.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, hd]
-        k = a.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = a.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        if cache is not None:
-            k, v = cache.write(i, start, k, v, kv_len)
-        if mask is not None and not isinstance(mask, torch.Tensor):  # FlexAttention BlockMask
-            o = _flex_attention(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=True)
-        else:
-            o = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None and cache is None, enable_gqa=True
-            )
-        return a.o_proj(o.transpose(1, 2).reshape(B, S, -1))
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        return list(self.lm.layers)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.hf.lm_head(hidden)
@@ -280,24 +340,41 @@ class EchoVLM(nn.Module):
         return cls(hf.to(dtype), special, cfg)
 
     def save_pretrained(
-        self, out_dir: str | os.PathLike, tokenizer=None, processor=None, extra: dict | None = None
+        self,
+        out_dir: str | os.PathLike,
+        tokenizer=None,
+        processor=None,
+        extra: dict | None = None,
+        state_dict: dict | None = None,
     ):
-        """HF layout (safetensors shards <= 15 MB, config, tokenizer, processor) plus echocxr.json."""
+        """HF layout (safetensors shards <= 15 MB, config, tokenizer, processor) plus echocxr.json
+        (the preset, `extra`, and the sequence layout's fields: `layout.checkpoint_fields`).
+        state_dict: the weights to write instead of this module's, under `self.hf`'s names (a
+        sharded model's gathered full weights)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.hf.save_pretrained(out, max_shard_size="15MB", safe_serialization=True)
+        self.hf.save_pretrained(out, max_shard_size="15MB", safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
         if processor is not None:
             processor.save_pretrained(out)
-        meta = {"model": self.config.to_dict() if self.config else None, **(extra or {})}
+        meta = {
+            "model": self.config.to_dict() if self.config else None,
+            **(extra or {}),
+            **checkpoint_fields(),
+        }
         tmp = out / (ECHO_CONFIG + ".tmp")
         tmp.write_text(json.dumps(meta, indent=2))
         os.replace(tmp, out / ECHO_CONFIG)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype=None, device="cpu"):
-        """Load a local checkpoint directory in HF layout. Returns (model, tokenizer, processor, meta)."""
+        """Load a local checkpoint directory in HF layout. Returns (model, tokenizer, processor, meta).
+
+        With echocxr.json, its token shift must be the one this code reads logits with
+        (`layout.check_checkpoint`; UserError otherwise). A folder without it is a plain Qwen2.5-VL
+        checkpoint (e.g. Lingshu-7B): a causal LM whose head predicts the next token, which is
+        the shift by definition."""
         from transformers import AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
         from echocxr.model.image_processing import load_image_processor
@@ -312,6 +389,13 @@ class EchoVLM(nn.Module):
             raise UserError(f"{path}/config.json: cannot read the config ({e})") from None
         if hf_cfg.model_type != "qwen2_5_vl":
             raise UserError(f"{path}: architecture {hf_cfg.model_type!r} is not supported; need qwen2_5_vl")
+        meta = {}
+        if (path / ECHO_CONFIG).is_file():
+            try:
+                meta = json.loads((path / ECHO_CONFIG).read_text())
+            except ValueError as e:
+                raise UserError(f"{path / ECHO_CONFIG}: not valid JSON ({e})") from None
+            check_checkpoint(meta, path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         added = ensure_mask_token(tokenizer)
         hf_cfg._attn_implementation = "sdpa"
@@ -323,9 +407,6 @@ class EchoVLM(nn.Module):
             raise UserError(f"{path}: cannot load the weights ({e})") from None
         if added or hf.get_input_embeddings().num_embeddings < len(tokenizer):
             hf.resize_token_embeddings(len(tokenizer))
-        meta = {}
-        if (path / ECHO_CONFIG).is_file():
-            meta = json.loads((path / ECHO_CONFIG).read_text())
         cfg = ModelConfig.from_dict(meta["model"]) if meta.get("model") else None
         model = cls(hf.to(device), special_ids(tokenizer), cfg)
         processor = load_image_processor(path, cfg)

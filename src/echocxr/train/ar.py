@@ -11,22 +11,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from echocxr.model.masks import causal
+from echocxr.model.layout import ar_inputs
 from echocxr.model.vlm import EchoVLM
-from echocxr.train.inputs import prompt_prefix, response_positions
-from echocxr.train.rad import attention_mask
 
 
 def ar_logits(model: EchoVLM, batch, *, freeze_vision: bool = False) -> torch.Tensor:
     """Logits [rows, R, V] where row b, slot j predicts response token j (read from the slot
     before it: the prompt's last token for j = 0)."""
-    rows, P = batch.prompt_ids.shape
-    R = batch.response_ids.shape[1]
-    prefix, pos_prompt = prompt_prefix(model, batch, freeze_vision=freeze_vision)
-    x = torch.cat([prefix, model.embed(batch.response_ids)], 1)
-    pos = torch.cat([pos_prompt, response_positions(pos_prompt, R)], 2)
-    ones = torch.ones(rows, R, dtype=torch.bool, device=x.device)
-    mask = attention_mask(causal, torch.cat([batch.prompt_valid, ones], 1))
+    P, R = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
+    x, pos, mask = ar_inputs(model, batch, freeze_vision=freeze_vision)  # [prompt | response] causal
     hidden = model(x, pos, mask)
     return model.logits(hidden[:, P - 1 : P + R - 1])
 

@@ -7,13 +7,15 @@
 `--init` a preset builds a random model of that shape and a byte-level BPE tokenizer trained on the
 corpus (EN and ZH); a folder loads a checkpoint (a previous stage, or a local Qwen2.5-VL /
 Lingshu-7B directory). Multi-GPU: `torchrun --nproc-per-node G -m echocxr train ...` (DDP; each
-process reads its share of every step's batch, see train/data.py). The final checkpoint is
+process reads its share of every step's batch, see train/data.py); add `--fsdp` to shard the model
+(FSDP2, full fine-tuning of 7B) and `--activation-checkpointing` to trade compute for memory. The final checkpoint is
 OUT/final (Hugging Face layout plus echocxr.json with the stage and its block size).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import shutil
 from pathlib import Path
 
@@ -64,6 +66,16 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to log.jsonl)")
     p.add_argument("--block-size", type=int, default=None, help="diffusion block size (rad, dcd)")
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="FSDP2: shard parameters, gradients and optimizer state over the torchrun processes",
+    )
+    p.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="recompute each decoder layer's activations in backward (less memory, ~1/3 more compute)",
+    )
     for module in STAGES.values():
         importlib.import_module(module).add_stage_arguments(p)
 
@@ -142,8 +154,16 @@ def run(args) -> int:
         log_every=args.log_every,
         workers=args.workers,
         seed=args.seed,
+        fsdp=args.fsdp,
+        activation_checkpointing=args.activation_checkpointing,
     )
-    dist_info = init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.fsdp and args.lora_rank:
+        raise UserError("--fsdp shards a full fine-tune; train LoRA adapters without it (DDP)")
+    if args.fsdp and "WORLD_SIZE" not in os.environ:
+        raise UserError("--fsdp needs torchrun: torchrun --nproc-per-node G -m echocxr train ... --fsdp")
+    dist_info = init_distributed(
+        args.device or ("cuda" if torch.cuda.is_available() else "cpu"), always=args.fsdp
+    )
     device = _device(args.device, dist_info.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -198,6 +218,13 @@ def run(args) -> int:
         dist_info=dist_info,
         progress=not args.no_progress,
     )
+    weights = None
+    if args.fsdp:  # gather the shards (every rank takes part), then rank 0 writes the HF folder
+        from echocxr.train.loop import full_state_dict
+
+        weights = {k.removeprefix("hf."): v for k, v in full_state_dict(model).items() if k.startswith("hf.")}
+        if args.save_dtype == "bfloat16":
+            weights = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in weights.items()}
     if dist_info.main:
         if lora is not None:
             from echocxr.train.lora import merge_lora
@@ -207,9 +234,9 @@ def run(args) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
         meta_out = dict(stage.checkpoint_meta)
         meta_out.update(stage=stage.name, train={**asdict(cfg), "final": summary, "init": args.init})
-        if args.save_dtype == "bfloat16":
+        if args.save_dtype == "bfloat16" and weights is None:
             model = model.to(torch.bfloat16)
-        model.save_pretrained(tmp, tokenizer, processor, extra=meta_out)
+        model.save_pretrained(tmp, tokenizer, processor, extra=meta_out, state_dict=weights)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         print(f"final checkpoint: {final}")

@@ -4,7 +4,8 @@ A one-step decoder predicts every position of a block independently from one for
 which degrades text. DCD distils the multi-step teacher's confidence-ordered trajectory into it:
 
 Phase 1 (trajectories). The teacher (a RAD checkpoint) decodes distillation studies block by block
-with `decode.block` (confidence-ordered unmasking, `record_trajectory=True`). For every response
+with the block decoder's loop (`model.denoise.denoise_blocks`, confidence-ordered unmasking,
+recording the trajectory). For every response
 position we keep the token it committed, the step s (0..K-1) at which it was committed, and the
 teacher's distribution at that step as top-k probabilities plus the residual mass r outside them.
 Rollouts that fall into a repetition loop are discarded (`repetition_loop`).
@@ -30,13 +31,15 @@ teacher).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from echocxr.model import denoise
+from echocxr.model.layout import AR_SHIFT, checkpoint_fields, rad_student_logits
 from echocxr.model.vlm import EchoVLM
-from echocxr.train.rad import AR_SHIFT, rad_inputs, response_logit_index
+from echocxr.train.loop import is_sharded
 
 OBJECTIVES = ("dcd", "onestep-ft")
 KL_DIRECTIONS = ("forward", "reverse")
@@ -162,31 +165,8 @@ def topk_kl_gap(teacher_logits: torch.Tensor, student_logits: torch.Tensor, ks=(
     return out
 
 
-# -- the student in the RAD layout ---------------------------------------------------------------------
-
-
-def rad_student_logits(
-    model: EchoVLM,
-    batch,
-    clean: torch.Tensor,
-    block: int,
-    shift: bool = AR_SHIFT,
-    noisy: torch.Tensor | None = None,
-    *,
-    flex: bool = False,
-) -> torch.Tensor:
-    """One forward over RAD's layout [prefix | noisy | clean] (`train.rad.rad_inputs`, vision tower
-    frozen): logits for every response position [B, R, V]. noisy defaults to all-mask blocks, so
-    each block is predicted fully masked given the clean blocks before it: the one-step decoder's
-    view of that block (the shift rule is RAD's `response_logit_index`)."""
-    if noisy is None:
-        noisy = torch.full_like(clean, model.special.mask)
-    P, R = batch.prompt_ids.shape[1], clean.shape[1]
-    x, pos, mask = rad_inputs(
-        model, replace(batch, response_ids=clean), noisy, freeze_vision=True, block=block, flex=flex
-    )
-    h = model(x, pos, mask)
-    return model.logits(h[:, response_logit_index(P, R, block, shift).to(clean.device)])
+# -- the student in the RAD layout: `model.layout.rad_student_logits` (one forward, every block
+# fully masked given the clean blocks before it; also used by the evaluation) ------------------
 
 
 # -- repetition loops (Phase 1 filter) -----------------------------------------------------------------
@@ -235,6 +215,8 @@ class DCDConfig:
             raise UserError(f"--objective must be one of {OBJECTIVES}, not {self.objective!r}")
         if self.kl not in KL_DIRECTIONS:
             raise UserError(f"--kl must be one of {KL_DIRECTIONS}, not {self.kl!r}")
+        if self.strategy not in denoise.STRATEGIES:
+            raise UserError(f"--strategy must be one of {denoise.STRATEGIES}, not {self.strategy!r}")
         if self.refresh not in REFRESH:
             raise UserError(f"--refresh must be one of {REFRESH}, not {self.refresh!r}")
         if self.block_size < 1 or self.top_k < 1 or self.rounds < 1 or self.distill_studies < 1:
@@ -340,33 +322,40 @@ def _rollout(example: int, tokens: list[int], row_trajectory, block: int, k: int
 
 @torch.no_grad()
 def collect_rollouts(
-    decoder: EchoVLM, examples: list, tokenizer, processor, cfg: DCDConfig
+    decoder: EchoVLM, examples: list, tokenizer, processor, cfg: DCDConfig, *, rank: int = 0, world: int = 1
 ) -> tuple[list, dict]:
     """Phase 1: decode every study with the multi-step block decoder and record its trajectory.
-    Rollouts caught in a repetition loop are dropped and counted."""
+    Rollouts caught in a repetition loop are dropped and counted. With several processes, rank r
+    decodes studies r, r + world, ... and the rollouts are then exchanged, so every rank ends with
+    the same list (in study order) and no study is decoded twice. `decoder` must not be sharded:
+    ranks run different numbers of forwards."""
     from echocxr.batch import Example, collate
-    from echocxr.decode.api import DecodeConfig, generate
 
-    dc = DecodeConfig(
-        decoder="block",
-        max_new_tokens=cfg.max_new_tokens,
-        block_size=cfg.block_size,
-        steps=cfg.steps,
-        strategy=cfg.strategy,
-        threshold=cfg.threshold,
-        record_trajectory=True,
-        trajectory_top_k=cfg.top_k,
-        seed=cfg.seed,
-    )
     was_training = decoder.training
     decoder.eval()
     eos, tpi = decoder.special.eos, decoder.config.image_tokens
+    mine = list(range(rank, len(examples), world))
     rollouts, looped, unfinished = [], 0, 0
-    for i in range(0, len(examples), cfg.collect_batch):
-        chunk = examples[i : i + cfg.collect_batch]
-        prompts = [Example(ex.images, ex.language, None, ex.record_id) for ex in chunk]
-        out = generate(decoder, collate(prompts, tokenizer, processor, tpi).to(decoder.device), dc)
-        for j, tokens, traj in zip(range(i, i + len(chunk)), out.tokens, out.trajectory, strict=True):
+    n_tokens = -(-cfg.max_new_tokens // cfg.block_size) * cfg.block_size
+    for i in range(0, len(mine), cfg.collect_batch):
+        idx = mine[i : i + cfg.collect_batch]
+        prompts = [
+            Example(examples[j].images, examples[j].language, None, examples[j].record_id) for j in idx
+        ]
+        batch = collate(prompts, tokenizer, processor, tpi).to(decoder.device)
+        out = denoise.denoise_blocks(
+            decoder,
+            denoise.CachedContext(decoder, batch, n_tokens, cfg.block_size),
+            batch.size,
+            block=cfg.block_size,
+            steps=cfg.steps,
+            max_new_tokens=cfg.max_new_tokens,
+            strategy=cfg.strategy,
+            threshold=cfg.threshold,
+            seed=cfg.seed,
+            record_top_k=cfg.top_k,
+        )
+        for j, tokens, traj in zip(idx, out.tokens, out.trajectory, strict=True):
             body = tokens[:-1] if tokens and tokens[-1] == eos else tokens
             if repetition_loop(body):
                 looped += 1
@@ -374,6 +363,13 @@ def collect_rollouts(
             unfinished += int(not tokens or tokens[-1] != eos)
             rollouts.append(_rollout(j, tokens, traj, cfg.block_size, cfg.top_k, eos))
     decoder.train(was_training)
+    if world > 1:
+        import torch.distributed as dist
+
+        parts: list = [None] * world
+        dist.all_gather_object(parts, (rollouts, looped, unfinished))
+        rollouts = sorted((r for p in parts for r in p[0]), key=lambda r: r.example)
+        looped, unfinished = sum(p[1] for p in parts), sum(p[2] for p in parts)
     stats = {"rollouts": len(rollouts), "discarded_loops": looped, "unfinished": unfinished}
     return rollouts, stats
 
@@ -410,6 +406,11 @@ class DCDStage:
         self.rollouts: list[Rollout] = []
         self.round = -1
         self.collect_stats: list[dict] = []
+        self.rank, self.world = 0, 1
+
+    def set_distributed(self, rank: int, world: int) -> None:
+        """Called by the loop: share rollouts out across ranks and draw distinct rows per rank."""
+        self.rank, self.world = rank, world
 
     @property
     def rounds(self) -> int:
@@ -423,7 +424,7 @@ class DCDStage:
         return {
             "stage": "dcd",
             "block_size": self.cfg.block_size,
-            "ar_shift": AR_SHIFT,
+            **checkpoint_fields(),
             "dcd": asdict(self.cfg),
             "dcd_rounds": self.collect_stats,
         }
@@ -433,9 +434,13 @@ class DCDStage:
             return
         use_student = self.cfg.refresh == "student" and round_idx > 0
         decoder = model if use_student else self.teacher.to(model.device)
+        if use_student and is_sharded(model):
+            # ranks decode different studies for different numbers of forwards, which a sharded
+            # model (a collective per layer) cannot do: decode with a full copy of the student
+            decoder = self._full_copy(model)
         self.examples = self.distill_set(round_idx)
         self.rollouts, stats = collect_rollouts(
-            decoder, self.examples, self.tokenizer, self.processor, self.cfg
+            decoder, self.examples, self.tokenizer, self.processor, self.cfg, rank=self.rank, world=self.world
         )
         if not self.rollouts:
             from echocxr.errors import UserError
@@ -459,8 +464,10 @@ class DCDStage:
         )
         if r > self.round:
             self.on_round_start(model, r)
+        # one global draw of size * world rows per step; each rank takes its own slice
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
-        pick = torch.randint(len(self.rollouts), (batch.size,), generator=g).tolist()
+        pick = torch.randint(len(self.rollouts), (batch.size * self.world,), generator=g)
+        pick = pick[self.rank * batch.size : (self.rank + 1) * batch.size].tolist()
         student_batch, targets = self.student_batch([self.rollouts[i] for i in pick], model)
         logits = rad_student_logits(model, student_batch, targets.tokens, self.cfg.block_size, AR_SHIFT)
         return dcd_loss(
@@ -471,6 +478,17 @@ class DCDStage:
             alpha=self.cfg.alpha,
             eos_weight=self.cfg.eos_weight,
         )
+
+    def _full_copy(self, model: EchoVLM) -> EchoVLM:
+        """The teacher module (an unsharded copy) loaded with the sharded student's full weights
+        (an all-gather per parameter: every rank calls this at the same round)."""
+        from torch.distributed.tensor import DTensor
+
+        with torch.no_grad():
+            own = dict(self.teacher.named_parameters())
+            for n, p in model.named_parameters():
+                own[n].copy_(p.full_tensor() if isinstance(p, DTensor) else p)
+        return self.teacher.to(model.device)
 
     def student_batch(self, rollouts: list[Rollout], model: EchoVLM):
         """Prompts (with the teacher's images) and EOS-padded targets for a list of rollouts."""

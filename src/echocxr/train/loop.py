@@ -6,7 +6,18 @@ A stage object supplies the objective: `name`, `multiple_of` (response padding),
 trains on teacher rollouts and reads only `batch.size`).
 
 The loop: AdamW with linear warmup and cosine decay, gradient accumulation, clipping, bf16
-autocast on CUDA (fp32 master weights), DDP through torchrun, JSONL logs and a progress bar.
+autocast on CUDA (fp32 master weights), DDP or FSDP2 through torchrun, per-layer activation
+checkpointing, JSONL logs and a progress bar.
+
+FSDP2 (`TrainConfig.fsdp`, `echocxr train --fsdp` under torchrun): `fully_shard` on each decoder
+layer, on the vision tower and on the root, which is the stage's loss module (`_StageModule`): the
+stages call `model.embed` and `model.logits` outside `EchoVLM.forward`, so the root must cover the
+whole loss for its parameters (embeddings, head, final norm) to be gathered. Mixed precision on CUDA:
+bf16 parameters in compute, fp32 gradient reduction and fp32 master weights; fp32 on CPU (gloo, the
+CI test). Its checkpoints are sharded through `torch.distributed.checkpoint` (every rank writes its
+shards into the same folder, so several nodes need a shared filesystem) and resume exactly; the
+final export gathers the full weights to rank 0 and writes the usual Hugging Face folder. Any stage
+that follows the protocol below works the same way (it is not told whether it is sharded).
 Checkpoints (`OUT/ckpt/step_XXXXXXX/`) are written to a temp folder and renamed; each holds the
 trainable weights, optimizer, scheduler, RNG states, the step (= the data position, see
 train/data.py), the stage state and the run's arguments. Frozen weights are not stored: they are
@@ -34,7 +45,9 @@ from echocxr.train.data import Layout, StudyStream, micro_batches
 
 CKPT_DIR, FINAL_DIR, LOG_FILE, TRAINER_FILE = "ckpt", "final", "log.jsonl", "trainer.pt"
 # arguments a resumed run must repeat, or its data stream and weights would differ
-RESUME_KEYS = ("stage", "init", "corpus", "batch_size", "grad_accum", "seed", "world", "lora_rank")
+RESUME_KEYS = ("stage", "init", "corpus", "batch_size", "grad_accum", "seed", "world", "lora_rank", "fsdp")
+RESUME_DEFAULTS = {"fsdp": False}  # a checkpoint from before the key existed was not sharded
+SHARDED_DIR = "sharded"  # step_N/sharded: the FSDP2 model and optimizer (torch.distributed.checkpoint)
 
 
 @dataclass
@@ -52,6 +65,8 @@ class TrainConfig:
     log_every: int = 10
     workers: int = 0
     seed: int = 0
+    fsdp: bool = False  # FSDP2 full sharding (needs torchrun)
+    activation_checkpointing: bool = False  # recompute each decoder layer's activations in backward
 
     def __post_init__(self) -> None:
         for k in ("steps", "batch_size", "grad_accum"):
@@ -75,9 +90,10 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(device: str) -> Dist:
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: join the process group (NCCL on CUDA, gloo on CPU)."""
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+def init_distributed(device: str, *, always: bool = False) -> Dist:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: join the process group (NCCL on CUDA, gloo on CPU).
+    A single process joins one only with `always` (FSDP2 needs a group even of one)."""
+    if "WORLD_SIZE" not in os.environ or (int(os.environ["WORLD_SIZE"]) == 1 and not always):
         return Dist()
     import torch.distributed as dist
 
@@ -112,6 +128,38 @@ class _StageModule(torch.nn.Module):
 
     def forward(self, batch, step: int):
         return self.stage.loss(self.model, batch, step)
+
+
+def apply_fsdp(runner: torch.nn.Module, model, device: torch.device) -> None:
+    """FSDP2: `fully_shard` each decoder layer, the vision tower, then the root (`runner`, the stage's
+    loss module). bf16 compute / fp32 reduction on CUDA; fp32 on CPU. Parameters become DTensors
+    sharded over dim 0 across the ranks (in place)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy()  # fp32: CPU/gloo, where bf16 matmuls would be slow and inexact
+    if device.type == "cuda":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model.visual, mp_policy=mp)
+    fully_shard(runner, mp_policy=mp)
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of `model` as plain CPU tensors, names unchanged. Sharded
+    parameters are all-gathered: a collective, so every rank must call it."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for n, t in model.state_dict().items():
+        out[n] = (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
+    return out
 
 
 # -- optimizer, schedule, RNG ---------------------------------------------------------------------
@@ -203,8 +251,50 @@ def load_checkpoint(path: Path) -> dict:
         raise UserError(f"{path / TRAINER_FILE}: cannot read the checkpoint ({e})") from None
 
 
+def save_sharded_checkpoint(out: Path, step: int, runner, opt, state: dict, keep: int, d: Dist) -> Path:
+    """FSDP2: every rank writes its model and optimizer shards (torch.distributed.checkpoint) into
+    the temp folder; rank 0 adds trainer.pt (everything else) and renames it. Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    root = out / CKPT_DIR
+    final, tmp = root / f"step_{step:07d}", root / f".tmp-step_{step:07d}"
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(d)
+    model_sd, optim_sd = get_state_dict(runner, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / SHARDED_DIR)
+    barrier(d)
+    if d.main:
+        torch.save(state, tmp / TRAINER_FILE)
+        (tmp / "args.json").write_text(json.dumps(state["args"], indent=2, default=str))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoints(out)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(d)
+    return final
+
+
+def load_sharded_checkpoint(path: Path, runner, opt) -> None:
+    """Read this rank's shards of the model and optimizer saved by `save_sharded_checkpoint`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if not (path / SHARDED_DIR).is_dir():
+        raise UserError(f"{path}: no {SHARDED_DIR}/ folder (this checkpoint was not written with --fsdp)")
+    model_sd, optim_sd = get_state_dict(runner, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path / SHARDED_DIR)
+    set_state_dict(runner, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
 def check_resumable(saved: dict, now: dict, where: Path) -> None:
-    diff = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in RESUME_KEYS if saved.get(k) != now.get(k)]
+    def get(args, k):
+        return args.get(k, RESUME_DEFAULTS.get(k))
+
+    diff = [f"{k}: {get(saved, k)!r} -> {get(now, k)!r}" for k in RESUME_KEYS if get(saved, k) != get(now, k)]
     if diff:
         raise UserError(
             f"{where}: cannot resume with different settings ({'; '.join(diff)}); "
@@ -245,7 +335,26 @@ def train(
     if stage.freeze_vision:
         model.visual.requires_grad_(False)
     model.train()
-    opt, sched = make_optimizer(model, cfg, fused=device.type == "cuda")
+    for layer in model.layers:
+        layer.checkpoint = cfg.activation_checkpointing
+    if hasattr(stage, "set_distributed"):  # a stage that shares out work of its own (DCD rollouts)
+        stage.set_distributed(dist_info.rank, dist_info.world)
+    runner = _StageModule(model, stage)
+    if cfg.fsdp:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise UserError("--fsdp needs a process group: run under torchrun")
+        apply_fsdp(runner, model, device)
+        if dist_info.main:
+            from torch.distributed.tensor import DTensor
+
+            n = sum(isinstance(p, DTensor) for p in model.parameters())
+            print(
+                f"FSDP2: {n} of {len(list(model.parameters()))} parameter tensors sharded over {dist_info.world} ranks"
+            )
+    # after sharding: the optimizer holds the sharded parameters (fused AdamW: plain CUDA tensors only)
+    opt, sched = make_optimizer(model, cfg, fused=device.type == "cuda" and not cfg.fsdp)
     start = 0
     found = checkpoints(out)
     if found and not resume:
@@ -253,14 +362,17 @@ def train(
     if resume and found:
         saved = load_checkpoint(found[-1])
         check_resumable(saved["args"], run_args, found[-1])
-        missing = set(trainable_state(model)) - set(saved["model"])
-        if missing:
-            raise UserError(f"{found[-1]}: checkpoint lacks trainable weights {sorted(missing)[:3]}...")
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in saved["model"]:
-                    p.copy_(saved["model"][n].to(p.dtype))
-        opt.load_state_dict(saved["optimizer"])
+        if cfg.fsdp:
+            load_sharded_checkpoint(found[-1], runner, opt)
+        else:
+            missing = set(trainable_state(model)) - set(saved["model"])
+            if missing:
+                raise UserError(f"{found[-1]}: checkpoint lacks trainable weights {sorted(missing)[:3]}...")
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n in saved["model"]:
+                        p.copy_(saved["model"][n].to(p.dtype))
+            opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         stage.load_state_dict(saved["stage"])
         set_rng_state(saved["rng"][min(dist_info.rank, len(saved["rng"]) - 1)])
@@ -270,14 +382,13 @@ def train(
     if dist_info.main:
         for tmp in (out / CKPT_DIR).glob(".tmp-*") if (out / CKPT_DIR).is_dir() else []:
             shutil.rmtree(tmp, ignore_errors=True)  # a save that was killed half-way
+    barrier(dist_info)  # no rank writes a new temp folder before rank 0 has cleared the old ones
 
-    if dist_info.world > 1:
+    if dist_info.world > 1 and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [device.index] if device.type == "cuda" else None
-        runner = DDP(_StageModule(model, stage), device_ids=ids, broadcast_buffers=False)
-    else:
-        runner = _StageModule(model, stage)
+        runner = DDP(runner, device_ids=ids, broadcast_buffers=False)
 
     layout = Layout(cfg.batch_size, cfg.grad_accum, dist_info.world, dist_info.rank)
     uses_batches = getattr(stage, "uses_loop_batches", True)
@@ -304,7 +415,11 @@ def train(
             else:
                 batch = _SizeOnly(cfg.batch_size)
             sync = micro == cfg.grad_accum - 1 or dist_info.world == 1
-            ctx = nullcontext() if sync else runner.no_sync()
+            ctx = nullcontext()
+            if cfg.fsdp:  # reduce-scatter gradients only on the last micro-batch
+                runner.set_requires_gradient_sync(sync)
+            elif not sync:
+                ctx = runner.no_sync()
             with ctx, autocast:
                 loss, logs = runner(batch, step)
             if not torch.isfinite(loss):
@@ -315,6 +430,8 @@ def train(
                 logs_acc[k] = logs_acc.get(k, 0.0) + float(v) / cfg.grad_accum
         params = [p for p in model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip) if cfg.clip > 0 else torch.tensor(0.0)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm over all shards, as a DTensor
+            grad_norm = grad_norm.full_tensor()
         lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()
@@ -345,19 +462,21 @@ def train(
             bar.update(1)
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
             rngs = _gather_rng(dist_info)
-            if dist_info.main:
-                state = {
-                    "step": done,
-                    "model": trainable_state(model),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "stage": stage.state_dict(),
-                    "rng": rngs,
-                    "args": run_args,
-                    "train": asdict(cfg),
-                }
-                save_checkpoint(out, done, state, cfg.keep)
-            barrier(dist_info)
+            state = {
+                "step": done,
+                "scheduler": sched.state_dict(),
+                "stage": stage.state_dict(),
+                "rng": rngs,
+                "args": run_args,
+                "train": asdict(cfg),
+            }
+            if cfg.fsdp:  # model and optimizer as shards beside trainer.pt
+                save_sharded_checkpoint(out, done, runner, opt, state, cfg.keep, dist_info)
+            else:
+                if dist_info.main:
+                    state.update(model=trainable_state(model), optimizer=opt.state_dict())
+                    save_checkpoint(out, done, state, cfg.keep)
+                barrier(dist_info)
     if bar is not None:
         bar.close()
     return last

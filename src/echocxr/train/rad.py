@@ -20,12 +20,9 @@ Every response position, EOS padding included, is a target when masked: the resp
 right-padded with EOS to a multiple of B (`collate(..., multiple_of=B)`), so the model learns where
 a report ends and that EOS follows EOS.
 
-Token shift (`AR_SHIFT`, shared with every decoder and with DCD): the AR model predicts token j
-from position j-1, so the converted model keeps that head. Token j of a block is read from the
-hidden state at slot j-1 of the same (noisy) block, and the block's first token from the slot of
-the last clean token before it (the prompt's last token for block 0). Those slots see exactly what
-the RAD mask allows for block b (prefix, clean blocks < b, the noisy block itself), so training and
-decoding read the same slots (`response_logit_index`, `logits_for_block`).
+The layout itself (inputs, positions, the padding-aware mask, the token shift and which slot
+predicts which token) is `model.layout`, shared with the decoders and DCD; its docstring gives the
+shift rule. `layout.rad_inputs` builds this stage's sequence.
 """
 
 from __future__ import annotations
@@ -35,37 +32,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from echocxr.model.masks import rad_rule
+from echocxr.model.layout import (  # noqa: F401 (logits_for_block: re-exported for older callers)
+    checkpoint_fields,
+    logits_for_block,
+    rad_inputs,
+    response_logit_index,
+)
 from echocxr.model.vlm import EchoVLM
-from echocxr.train.inputs import prompt_prefix, response_positions
-
-# Predict token j from position j-1 (True) or from position j itself (False). One value for
-# RAD training, the block and one-step decoders and DCD.
-AR_SHIFT = True
-
-
-def logits_for_block(
-    model: EchoVLM, h_block: torch.Tensor, first: torch.Tensor | None, shift: bool = AR_SHIFT
-) -> torch.Tensor:
-    """Hidden states of a block's B slots [rows, B, D] -> logits for its B tokens [rows, B, V].
-
-    shift: token j from slot j-1, token 0 from `first` [rows, V] (the logits at the last committed
-    token before the block). No shift: token j from slot j.
-    """
-    if not shift:
-        return model.logits(h_block).float()
-    return torch.cat([first[:, None].float(), model.logits(h_block[:, :-1]).float()], dim=1)
-
-
-def response_logit_index(prefix: int, response: int, block: int, shift: bool = AR_SHIFT) -> torch.Tensor:
-    """For each response position t of [prefix | noisy | clean], the slot whose hidden state
-    predicts x0_t [R]: the noisy copy of t (no shift), or with the shift the noisy slot t-1 inside
-    a block and, for a block's first token, the clean slot t-1 (slot prefix-1 for t = 0)."""
-    t = torch.arange(response)
-    if not shift:
-        return prefix + t
-    before = torch.where(t == 0, prefix - 1, prefix + response + t - 1)
-    return torch.where(t % block == 0, before, prefix + t - 1)
 
 
 @dataclass(frozen=True)
@@ -100,37 +73,6 @@ def sample_noise(rows: int, response: int, block: int, generator: torch.Generato
     rank = u.argsort(-1).argsort(-1)  # a uniform random permutation of each block
     masked = (rank < n[..., None]).reshape(rows, response)
     return Noise(masked, n.float() / block)
-
-
-def rad_inputs(model: EchoVLM, batch, x_t: torch.Tensor, *, freeze_vision: bool, block: int, flex=False):
-    """Embeddings [rows, S, D], positions [3, rows, S] and the attention mask of the RAD layout.
-    The mask is dense [rows, 1, S, S] (SDPA) or, with flex, a FlexAttention BlockMask."""
-    x0 = batch.response_ids
-    rows, P = batch.prompt_ids.shape
-    R = x0.shape[1]
-    prefix, pos_prompt = prompt_prefix(model, batch, freeze_vision=freeze_vision)
-    x = torch.cat([prefix, model.embed(x_t), model.embed(x0)], 1)
-    resp = response_positions(pos_prompt, R)  # the noisy copy shares the clean copy's positions
-    pos = torch.cat([pos_prompt, resp, resp], 2)
-    valid = torch.cat([batch.prompt_valid, torch.ones(rows, 2 * R, dtype=torch.bool, device=x0.device)], 1)
-    return x, pos, attention_mask(rad_rule(P, R, block), valid, flex=flex)
-
-
-def attention_mask(rule, valid: torch.Tensor, *, flex: bool = False):
-    """rule(q, k) combined with key validity [rows, S]. A padded query keeps its own slot so its
-    softmax row is never empty (its output is never read)."""
-    rows, S = valid.shape
-    if flex:
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        def mask_mod(b, h, q, k):
-            return (rule(q, k) & valid[b, k]) | (q == k)
-
-        return create_block_mask(mask_mod, rows, None, S, S, device=valid.device)
-    q = torch.arange(S, device=valid.device)[:, None]
-    k = torch.arange(S, device=valid.device)[None, :]
-    own = q == k
-    return ((rule(q, k)[None] & valid[:, None, :]) | own)[:, None]
 
 
 def rad_loss(
@@ -176,7 +118,7 @@ class RADStage:
         self.multiple_of = cfg.block_size
         self.freeze_vision = cfg.freeze_vision
         # saved beside the weights: decoders and DCD read the block size from the checkpoint
-        self.checkpoint_meta = {"stage": "rad", "block_size": cfg.block_size, "ar_shift": AR_SHIFT}
+        self.checkpoint_meta = {"stage": "rad", "block_size": cfg.block_size, **checkpoint_fields()}
 
     def loss(self, model: EchoVLM, batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
