@@ -22,3 +22,13 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 fi
 # METEOR (pycocoevalcap) needs Java; the metric is skipped with a message where it is missing.
 command -v java >/dev/null 2>&1 || echo "setup: java not found; METEOR will be skipped (apt-get install default-jre-headless)"
+# The server's page test drives Debian's headless Chromium; install it when we can (root), never
+# failing setup over it. Without it that test skips and says how to install it.
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } >/dev/null 2>&1 \
+      || echo "setup: could not install chromium (apt-get install -y chromium chromium-driver); the page test will skip"
+  else
+    echo "setup: chromium not found; the page test will skip (sudo apt-get install -y chromium chromium-driver)"
+  fi
+fi

@@ -30,6 +30,11 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "decode"): ("echocxr.bench.decode", "decode speed of every decoder (JSON line)"),
     ("bench", "rad"): ("echocxr.bench.rad_flops", "RAD vs symmetric duplication: FLOPs and step time"),
     ("bench", "phantoms"): ("echocxr.bench.phantoms", "phantom learnability (AUROC) and render speed"),
+    ("bench", "serve"): (
+        "echocxr.bench.serve",
+        "server throughput and latency, batching on and off (JSON lines)",
+    ),
+    ("serve",): ("echocxr.serve.cli", "serve reports over HTTP: OpenAI-compatible API, web page, batching"),
     ("run",): ("echocxr.pipeline", "the whole chain for a preset: corpus -> AR -> RAD -> DCD -> eval"),
     ("demo",): ("echocxr.pipeline", "end-to-end demo on CPU with the tiny preset"),
 }
