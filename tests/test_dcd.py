@@ -443,3 +443,41 @@ def test_echocxr_train_stage_dcd_cli(tiny, tmp_path):
         student.eval(), batch, DecodeConfig(decoder="onestep", steps=1, block_size=4, max_new_tokens=8)
     )
     assert res.forwards == res.stats["blocks"] and all(1 <= len(t) <= 8 for t in res.tokens)
+
+
+@pytest.mark.parametrize("guarded", [True, False])
+def test_teacher_rollouts_never_hold_a_banned_token(tiny, monkeypatch, guarded):
+    """Phase 1 runs the decoders' guard: a teacher biased towards the mask token (then pad and the
+    image markers) still commits none of them and records 0 probability for them. Unguarded (the
+    guard patched out) the same teacher writes the mask token, so the check can fail."""
+    from echocxr.model import denoise
+    from echocxr.train import dcd
+
+    _, tok, proc, cfg = tiny
+    model = EchoVLM.from_config(cfg, tok, seed=0).eval()
+    s = model.special
+    bias = torch.zeros(model.vocab_size)
+    bias[s.mask], bias[s.pad], bias[s.image], bias[s.vision_start] = 60.0, 50.0, 40.0, 30.0
+    plain = model.logits
+    model.logits = lambda h: plain(h) + bias.to(h.dtype)  # instance attribute: this test only
+    monkeypatch.setattr(dcd, "repetition_loop", lambda body: False)  # keep every rollout
+    if not guarded:
+        none = lambda m, tokenizer=None: torch.zeros(m.vocab_size, dtype=torch.bool)  # noqa: E731
+        monkeypatch.setattr(denoise, "banned_tokens", none)
+    rng = np.random.default_rng(6)
+    exs = [
+        Example([Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8))], lang, None, f"s{i}")
+        for i, lang in enumerate(["en", "zh"])
+    ]
+    dcfg = dcd.DCDConfig(block_size=4, top_k=8, max_new_tokens=8, collect_batch=2)
+    rollouts, looped, _ = dcd.decode_share(model, exs, range(2), tok, proc, dcfg)
+    assert len(rollouts) == 2 and looped == 0
+    banned = denoise.banned_tokens(model, tok) if guarded else None
+    written = {t for r in rollouts for t in r.tokens.tolist()}
+    if not guarded:
+        assert s.mask in written
+        return
+    assert not any(bool(banned[t]) for t in written)
+    for r in rollouts:  # the recorded distributions: a banned id may fill a top-k slot, at p = 0
+        hit = banned[r.top_idx.long()]
+        assert (r.top_p[hit] == 0).all()

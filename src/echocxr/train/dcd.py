@@ -357,6 +357,9 @@ def decode_share(
     mine = list(indices)
     rollouts, looped, unfinished = [], 0, 0
     n_tokens = -(-cfg.max_new_tokens // cfg.block_size) * cfg.block_size
+    # the decoders' guard: the teacher never commits the mask token or a special token other than
+    # EOS, so no rollout teaches the student one (its recorded distributions put 0 mass on them)
+    banned = denoise.banned_tokens(decoder, tokenizer)
     for i in range(0, len(mine), cfg.collect_batch):
         idx = mine[i : i + cfg.collect_batch]
         prompts = [
@@ -374,6 +377,7 @@ def decode_share(
             threshold=cfg.threshold,
             seed=cfg.seed,
             record_top_k=cfg.top_k,
+            banned=banned,
         )
         for j, tokens, traj in zip(idx, out.tokens, out.trajectory, strict=True):
             body = tokens[:-1] if tokens and tokens[-1] == eos else tokens
