@@ -298,7 +298,7 @@ def test_topk_kl_gap_report():
 def test_phase1_rollouts_from_the_block_decoder_match_phase2_inputs(tiny):
     """Rollouts from decode.block: targets on every decoded position, and at step 0 (block fully
     masked, teacher context before it) the teacher's recorded distribution is exactly what the
-    student's RAD-layout forward computes with the teacher's weights."""
+    student's RAD-layout forward computes with the teacher's weights, under the same guard."""
     from echocxr.train.dcd import DCDConfig, DCDStage, collect_rollouts
 
     model, tok, proc, cfg = tiny
@@ -314,8 +314,10 @@ def test_phase1_rollouts_from_the_block_decoder_match_phase2_inputs(tiny):
         assert len(r.tokens) % 4 == 0 and (r.step >= 0).all() and (r.step < 4).all()
         torch.testing.assert_close(r.top_p.sum(-1) + r.rest, torch.ones(len(r.tokens)), atol=1e-5, rtol=0)
     sb, t = stage.student_batch(rollouts, model)
-    with torch.no_grad():
-        probs = rad_student_logits(model, sb, t.tokens, 4).softmax(-1)
+    from echocxr.model.denoise import banned_tokens, guard
+
+    with torch.no_grad():  # the teacher records its guarded distribution (no mass on banned ids)
+        probs = guard(rad_student_logits(model, sb, t.tokens, 4), banned_tokens(model, tok)).softmax(-1)
     first = t.step == 0
     assert first.any()
     got = probs.gather(-1, t.top_idx)[first]
