@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from echocxr.batch import Example, collate
-from echocxr.decode.block import CachedContext
 from echocxr.model.config import get_preset
+from echocxr.model.denoise import CachedContext
 from echocxr.model.image_processing import make_image_processor
 from echocxr.model.masks import block_causal
 from echocxr.model.tokenizer import train_bpe

@@ -37,6 +37,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from echocxr.decode.config import DecodeConfig  # the decoding defaults
 from echocxr.errors import UserError
 
 SETTINGS = "settings.json"
@@ -68,11 +69,11 @@ class EvalConfig:
     corpus: str
     out: str
     decoder: str = "ar"
-    block_size: int | None = None  # None: the checkpoint's block size (echocxr.json), else 8
+    block_size: int | None = None  # None: the checkpoint's block size (echocxr.json), else DecodeConfig's
     steps: int | None = None  # "block" decoder: None means one token per step (steps = block size)
     fused: bool = True
-    strategy: str = "confidence_dynamic"
-    threshold: float = 0.85
+    strategy: str = DecodeConfig.strategy
+    threshold: float = DecodeConfig.threshold
     max_new_tokens: int | None = None  # None: the checkpoint's max_response_tokens
     batch_size: int = 8
     limit: int | None = None
