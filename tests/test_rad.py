@@ -14,6 +14,7 @@ from echocxr.batch import Example, collate
 from echocxr.model.config import get_preset
 from echocxr.model.denoise import CachedContext
 from echocxr.model.image_processing import make_image_processor
+from echocxr.model.layout import logits_for_block
 from echocxr.model.masks import block_causal
 from echocxr.model.tokenizer import train_bpe
 from echocxr.model.vlm import EchoVLM
@@ -129,7 +130,7 @@ def test_noisy_block_logits_equal_the_decoders(tiny, shift):
         for i in range(R // B):
             blk = slice(i * B, (i + 1) * B)
             h_blk, first = ctx.denoise(x_t[:, blk])
-            dec_logits = rad.logits_for_block(model, h_blk, first, shift)
+            dec_logits = logits_for_block(model, h_blk, first, shift)
             torch.testing.assert_close(dec_logits, train_logits[:, blk], rtol=1e-7, atol=1e-7)
             ctx.commit(x0[:, blk])
 

@@ -33,12 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from echocxr.model.denoise import BLOCK_SIZE
-from echocxr.model.layout import (  # noqa: F401 (logits_for_block: re-exported for older callers)
-    checkpoint_fields,
-    logits_for_block,
-    rad_inputs,
-    response_logit_index,
-)
+from echocxr.model.layout import checkpoint_fields, rad_inputs, response_logit_index
 from echocxr.model.vlm import EchoVLM
 
 
