@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from echocxr.batch import Example, collate
 from echocxr.model.config import get_preset
@@ -25,12 +24,8 @@ from echocxr.train.dcd import (
     step_weights,
     topk_target,
 )
-
-TEXTS = [
-    "Findings: The heart is normal in size. No pleural effusion. No pneumothorax.\nImpression: Normal chest.",
-    "Findings: Mild cardiomegaly. Small left pleural effusion.\nImpression: Cardiomegaly with effusion.",
-    "所见：心影大小正常。无胸腔积液。无气胸。\n印象：胸部未见异常。",
-] * 20
+from helpers import REPORTS as TEXTS
+from helpers import noise_image, prefer_banned, widen
 
 
 def _pair(n=64, V=50, seed=0, sharp=3.0):
@@ -152,17 +147,13 @@ def tiny():
     tok = train_bpe(TEXTS, 400)
     cfg = get_preset("tiny")
     model = EchoVLM.from_config(cfg, tok, seed=0).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # a wider init so outputs depend on the input (see test_onestep.py)
-        for p in model.hf.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3, generator=g)
+    widen(model)
     return model, tok, make_image_processor(cfg.image_size), cfg
 
 
 def _batch(tok, proc, cfg, texts):
     rng = np.random.default_rng(2)
-    img = lambda: Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8))  # noqa: E731
+    img = lambda: noise_image(rng)  # noqa: E731
     exs = [Example([img()], "en", texts[0]), Example([img(), img()], "zh", texts[1])]
     return collate(exs, tok, proc, cfg.image_tokens, multiple_of=4)
 
@@ -224,7 +215,7 @@ def _synthetic_stage(model, tok, proc, cfg, **kw):
     from echocxr.train.dcd import DCDConfig, DCDStage, Rollout
 
     rng = np.random.default_rng(3)
-    img = lambda: Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8))  # noqa: E731
+    img = lambda: noise_image(rng)  # noqa: E731
     exs = [Example([img()], "en", None, f"s{i}") for i in range(3)]
     dcfg = DCDConfig(block_size=4, top_k=8, **kw)
     stage = DCDStage(dcfg, tok, proc, lambda r: exs, teacher=None)
@@ -303,7 +294,7 @@ def test_phase1_rollouts_from_the_block_decoder_match_phase2_inputs(tiny):
 
     model, tok, proc, cfg = tiny
     rng = np.random.default_rng(4)
-    img = lambda: Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8))  # noqa: E731
+    img = lambda: noise_image(rng)  # noqa: E731
     exs = [Example([img()], lang, None, f"s{i}") for i, lang in enumerate(["en", "zh", "en", "en"])]
     dcfg = DCDConfig(block_size=4, top_k=16, max_new_tokens=24, collect_batch=3)
     rollouts, stats = collect_rollouts(model, exs, tok, proc, dcfg)
@@ -331,10 +322,7 @@ def test_rollouts_shared_out_across_ranks_equal_one_rank(tiny):
 
     model, tok, proc, cfg = tiny
     rng = np.random.default_rng(5)
-    exs = [
-        Example([Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8))], "en", None, f"s{i}")
-        for i in range(5)
-    ]
+    exs = [Example([noise_image(rng)], "en", None, f"s{i}") for i in range(5)]
     dcfg = DCDConfig(block_size=4, top_k=8, max_new_tokens=8, collect_batch=2)
     whole, looped, _ = decode_share(model, exs, range(5), tok, proc, dcfg)
     shares = [decode_share(model, exs, range(r, 5, 2), tok, proc, dcfg) for r in (0, 1)]
@@ -456,21 +444,14 @@ def test_teacher_rollouts_never_hold_a_banned_token(tiny, monkeypatch, guarded):
     from echocxr.train import dcd
 
     _, tok, proc, cfg = tiny
-    model = EchoVLM.from_config(cfg, tok, seed=0).eval()
+    model = prefer_banned(EchoVLM.from_config(cfg, tok, seed=0).eval())
     s = model.special
-    bias = torch.zeros(model.vocab_size)
-    bias[s.mask], bias[s.pad], bias[s.image], bias[s.vision_start] = 60.0, 50.0, 40.0, 30.0
-    plain = model.logits
-    model.logits = lambda h: plain(h) + bias.to(h.dtype)  # instance attribute: this test only
     monkeypatch.setattr(dcd, "repetition_loop", lambda body: False)  # keep every rollout
     if not guarded:
         none = lambda m, tokenizer=None: torch.zeros(m.vocab_size, dtype=torch.bool)  # noqa: E731
         monkeypatch.setattr(denoise, "banned_tokens", none)
     rng = np.random.default_rng(6)
-    exs = [
-        Example([Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8))], lang, None, f"s{i}")
-        for i, lang in enumerate(["en", "zh"])
-    ]
+    exs = [Example([noise_image(rng)], lang, None, f"s{i}") for i, lang in enumerate(["en", "zh"])]
     dcfg = dcd.DCDConfig(block_size=4, top_k=8, max_new_tokens=8, collect_batch=2)
     rollouts, looped, _ = dcd.decode_share(model, exs, range(2), tok, proc, dcfg)
     assert len(rollouts) == 2 and looped == 0

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from echocxr.batch import Example, collate
 from echocxr.model.config import get_preset
@@ -19,12 +18,9 @@ from echocxr.model.masks import block_causal
 from echocxr.model.tokenizer import train_bpe
 from echocxr.model.vlm import EchoVLM
 from echocxr.train import rad
+from helpers import REPORTS as TEXTS
+from helpers import noise_image
 
-TEXTS = [
-    "Findings: The heart is normal in size. No pleural effusion. No pneumothorax.\nImpression: Normal chest.",
-    "Findings: Mild cardiomegaly. Small left pleural effusion.\nImpression: Cardiomegaly with effusion.",
-    "所见：心影大小正常。无胸腔积液。无气胸。\n印象：胸部未见异常。",
-] * 20
 B = 4
 
 
@@ -36,7 +32,7 @@ def tiny():
     model = EchoVLM.from_config(cfg, tok, seed=0, dtype=torch.float64)
     proc = make_image_processor(cfg.image_size)
     rng = np.random.default_rng(0)
-    img = lambda: Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8))  # noqa: E731
+    img = lambda: noise_image(rng)  # noqa: E731
     exs = [
         Example([img()], "en", "Findings: No pleural effusion.\nImpression: Normal chest."),
         Example([img(), img()], "zh", "所见：无气胸。\n印象：胸部未见异常。心影大小正常。"),
@@ -316,7 +312,7 @@ def test_echocxr_train_stage_rad_cli(tiny, tmp_path):
     for a, b in zip(model.visual.parameters(), stage1.visual.parameters(), strict=True):
         assert torch.equal(a.to(b.dtype), b)
     rng = np.random.default_rng(5)
-    img = Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8))
+    img = noise_image(rng)
     batch = collate([Example([img], "en")], tok2, proc2, cfg.image_tokens)
     dc = DecodeConfig(decoder="block", block_size=B, steps=2, max_new_tokens=8, strategy="confidence_static")
     res = generate(model.eval(), batch, dc)
