@@ -44,3 +44,40 @@ def noise_image(rng, side: int = 64):
     from PIL import Image
 
     return Image.fromarray(rng.integers(0, 255, (side, side), dtype=np.uint8))
+
+
+class LoopbackServer:
+    """An HTTP server on 127.0.0.1 (a free port) for client tests, used as a context manager.
+    Every POST's JSON body goes to `answer(path, headers, body) -> (status, reply)`; `reply` is
+    sent back as JSON. `.url` is its base address."""
+
+    def __init__(self, answer):
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                status, reply = answer(self.path, self.headers, body)
+                data = json.dumps(reply).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
