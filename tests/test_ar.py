@@ -7,7 +7,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from echocxr.batch import Example, collate
 from echocxr.decode.api import DecodeConfig, generate
@@ -16,18 +15,15 @@ from echocxr.model.config import get_preset
 from echocxr.model.image_processing import make_image_processor
 from echocxr.model.tokenizer import train_bpe
 from echocxr.model.vlm import EchoVLM
+from helpers import REPORTS as TEXTS
+from helpers import noise_image, widen
 
-TEXTS = [
-    "Findings: The heart is normal in size. No pleural effusion. No pneumothorax.\nImpression: Normal chest.",
-    "Findings: Mild cardiomegaly. Small left pleural effusion.\nImpression: Cardiomegaly with effusion.",
-    "所见：心影大小正常。无胸腔积液。无气胸。\n印象：胸部未见异常。",
-] * 20
 N = 24  # max new tokens
 
 
 def _batch(tok, proc, cfg, rows=4):
     rng = np.random.default_rng(1)
-    img = lambda: Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8))  # noqa: E731
+    img = lambda: noise_image(rng)  # noqa: E731
     # different languages and image counts: prompts of different lengths, so left padding
     exs = [
         Example([img()], "en"),
@@ -45,13 +41,7 @@ def tiny():
     cfg = get_preset("tiny")
     model = EchoVLM.from_config(cfg, tok, seed=0).eval()
     proc = make_image_processor(cfg.image_size)
-    # At the default init (std 0.02) a tiny random model repeats one position-driven pattern;
-    # a wider init makes its tokens depend on the image and the text so far.
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.hf.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3, generator=g)
+    widen(model)  # so its tokens depend on the image and the text so far
     # Random weights almost never emit <|im_end|>: declare as "EOS" a token the model does emit,
     # chosen so that rows end at different steps (per-row stopping gets exercised).
     batch = _batch(tok, proc, cfg)

@@ -33,7 +33,8 @@ def _mixture():
 
 def _denoise_exactly(steps: int, threshold: float = 0.85) -> list[int]:
     """Greedy block denoising with the mixture's exact conditionals p(x_j | committed tokens) and
-    decode.block.choose, the loop of decode.block.generate for one row and one block."""
+    model.denoise.choose, the rule of the block loop (model.denoise.denoise_blocks) for one row and
+    one block."""
     mix, B = _mixture(), 8
     ids, masked = [None] * B, torch.ones(1, B, dtype=torch.bool)
     for s in range(steps):

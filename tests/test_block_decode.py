@@ -6,7 +6,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from echocxr.batch import Example, collate
 from echocxr.decode.api import DecodeConfig, generate
@@ -14,17 +13,13 @@ from echocxr.model.config import get_preset
 from echocxr.model.image_processing import make_image_processor
 from echocxr.model.tokenizer import train_bpe
 from echocxr.model.vlm import EchoVLM
-
-TEXTS = [
-    "Findings: The heart is normal in size. No pleural effusion. No pneumothorax.\nImpression: Normal chest.",
-    "Findings: Mild cardiomegaly. Small left pleural effusion.\nImpression: Cardiomegaly with effusion.",
-    "所见：心影大小正常。无胸腔积液。无气胸。\n印象：胸部未见异常。",
-] * 20
+from helpers import REPORTS as TEXTS
+from helpers import noise_image
 
 
 def _examples():
     rng = np.random.default_rng(3)
-    img = lambda: Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8))  # noqa: E731
+    img = lambda: noise_image(rng)  # noqa: E731
     # different prompt lengths (language, image count): left padding is exercised
     return [Example([img()], "en"), Example([img(), img()], "zh"), Example([img()], "en")]
 

@@ -16,6 +16,7 @@ from echocxr.cli import main as cli_main
 from echocxr.data.build import BuildConfig, build, drop_reason, fingerprint, is_placeholder
 from echocxr.data.records import Record, read_jsonl
 from echocxr.errors import UserError
+from helpers import LoopbackServer
 
 XML = """<?xml version="1.0" encoding="utf-8"?>
 <eCitation>
@@ -353,47 +354,21 @@ def test_multi_source_build_keeps_official_splits_and_balances_eval(built):
     assert card["eval"]["en"] == dict(sorted(per_source.items()))
 
 
-class _FakeLLM:
+class _FakeLLM(LoopbackServer):
     """A loopback OpenAI-compatible server: fixed rewrite and translation, counts requests."""
 
     def __init__(self):
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
         self.requests = 0
-        outer = self
+        super().__init__(self._answer)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 - http.server's naming
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests += 1
-                system = body["messages"][0]["content"]
-                if "Simplified Chinese" in system:
-                    reply = {"findings": "两肺清晰。", "impression": "未见急性心肺异常。"}
-                else:
-                    reply = {"findings": "LLM findings.", "impression": "LLM impression."}
-                content = json.dumps(reply, ensure_ascii=False)
-                data = json.dumps({"choices": [{"message": {"content": content}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def _answer(self, path, headers, body):
+        self.requests += 1
+        if "Simplified Chinese" in body["messages"][0]["content"]:
+            reply = {"findings": "两肺清晰。", "impression": "未见急性心肺异常。"}
+        else:
+            reply = {"findings": "LLM findings.", "impression": "LLM impression."}
+        content = json.dumps(reply, ensure_ascii=False)
+        return 200, {"choices": [{"message": {"content": content}}]}
 
 
 def test_llm_build_on_loopback_uses_the_reply_cache_on_rerun(built):

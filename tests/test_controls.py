@@ -3,6 +3,7 @@ really reads its image loses its grounding score under both controls while the t
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -132,3 +133,26 @@ def test_cli_accepts_the_control_sources():
         assert cfg.image_source == source and f"--image-source {source}" in " ".join(ev.cli_args(cfg))
     with pytest.raises(SystemExit):
         parser.parse_args(["--ckpt", "c", "--corpus", "c", "--out", "o", "--image-source", "black"])
+
+
+def test_auto_source_never_swaps_a_bad_real_file_for_a_phantom(tmp_path):
+    """--image-source auto: a study without a file gets phantoms; a study whose file exists but is
+    corrupt or refused stops the eval with a UserError naming the file (no silent phantom)."""
+    from PIL import Image
+
+    Image.fromarray(np.full((64, 64), 90, np.uint8)).save(tmp_path / "good.png")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "tiny.png")  # refused: < 28 px
+    rec = _records(1)[0]
+
+    def images(name):
+        r = replace(rec, images=[ImageRef(name, "PA")])
+        return ev.record_images(r, size=SIZE, seed=0, source="auto", views=VIEWS, root=tmp_path)
+
+    imgs, used = images("good.png")
+    assert used == "real" and np.asarray(imgs[0]).std() == 0  # the flat file, not a phantom
+    assert images("missing.png")[1] == "phantom"
+    for bad in ("corrupt.png", "tiny.png"):
+        with pytest.raises(UserError, match=str(tmp_path / bad)) as err:
+            images(bad)
+        assert "\n" not in str(err.value) and "--image-source phantom" in str(err.value)

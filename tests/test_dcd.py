@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from echocxr.batch import Example, collate
 from echocxr.model.config import get_preset
@@ -25,12 +24,8 @@ from echocxr.train.dcd import (
     step_weights,
     topk_target,
 )
-
-TEXTS = [
-    "Findings: The heart is normal in size. No pleural effusion. No pneumothorax.\nImpression: Normal chest.",
-    "Findings: Mild cardiomegaly. Small left pleural effusion.\nImpression: Cardiomegaly with effusion.",
-    "所见：心影大小正常。无胸腔积液。无气胸。\n印象：胸部未见异常。",
-] * 20
+from helpers import REPORTS as TEXTS
+from helpers import noise_image, prefer_banned, widen
 
 
 def _pair(n=64, V=50, seed=0, sharp=3.0):
@@ -152,17 +147,13 @@ def tiny():
     tok = train_bpe(TEXTS, 400)
     cfg = get_preset("tiny")
     model = EchoVLM.from_config(cfg, tok, seed=0).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # a wider init so outputs depend on the input (see test_onestep.py)
-        for p in model.hf.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3, generator=g)
+    widen(model)
     return model, tok, make_image_processor(cfg.image_size), cfg
 
 
 def _batch(tok, proc, cfg, texts):
     rng = np.random.default_rng(2)
-    img = lambda: Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8))  # noqa: E731
+    img = lambda: noise_image(rng)  # noqa: E731
     exs = [Example([img()], "en", texts[0]), Example([img(), img()], "zh", texts[1])]
     return collate(exs, tok, proc, cfg.image_tokens, multiple_of=4)
 
@@ -224,7 +215,7 @@ def _synthetic_stage(model, tok, proc, cfg, **kw):
     from echocxr.train.dcd import DCDConfig, DCDStage, Rollout
 
     rng = np.random.default_rng(3)
-    img = lambda: Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8))  # noqa: E731
+    img = lambda: noise_image(rng)  # noqa: E731
     exs = [Example([img()], "en", None, f"s{i}") for i in range(3)]
     dcfg = DCDConfig(block_size=4, top_k=8, **kw)
     stage = DCDStage(dcfg, tok, proc, lambda r: exs, teacher=None)
@@ -298,12 +289,12 @@ def test_topk_kl_gap_report():
 def test_phase1_rollouts_from_the_block_decoder_match_phase2_inputs(tiny):
     """Rollouts from decode.block: targets on every decoded position, and at step 0 (block fully
     masked, teacher context before it) the teacher's recorded distribution is exactly what the
-    student's RAD-layout forward computes with the teacher's weights."""
+    student's RAD-layout forward computes with the teacher's weights, under the same guard."""
     from echocxr.train.dcd import DCDConfig, DCDStage, collect_rollouts
 
     model, tok, proc, cfg = tiny
     rng = np.random.default_rng(4)
-    img = lambda: Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8))  # noqa: E731
+    img = lambda: noise_image(rng)  # noqa: E731
     exs = [Example([img()], lang, None, f"s{i}") for i, lang in enumerate(["en", "zh", "en", "en"])]
     dcfg = DCDConfig(block_size=4, top_k=16, max_new_tokens=24, collect_batch=3)
     rollouts, stats = collect_rollouts(model, exs, tok, proc, dcfg)
@@ -314,8 +305,10 @@ def test_phase1_rollouts_from_the_block_decoder_match_phase2_inputs(tiny):
         assert len(r.tokens) % 4 == 0 and (r.step >= 0).all() and (r.step < 4).all()
         torch.testing.assert_close(r.top_p.sum(-1) + r.rest, torch.ones(len(r.tokens)), atol=1e-5, rtol=0)
     sb, t = stage.student_batch(rollouts, model)
-    with torch.no_grad():
-        probs = rad_student_logits(model, sb, t.tokens, 4).softmax(-1)
+    from echocxr.model.denoise import banned_tokens, guard
+
+    with torch.no_grad():  # the teacher records its guarded distribution (no mass on banned ids)
+        probs = guard(rad_student_logits(model, sb, t.tokens, 4), banned_tokens(model, tok)).softmax(-1)
     first = t.step == 0
     assert first.any()
     got = probs.gather(-1, t.top_idx)[first]
@@ -329,10 +322,7 @@ def test_rollouts_shared_out_across_ranks_equal_one_rank(tiny):
 
     model, tok, proc, cfg = tiny
     rng = np.random.default_rng(5)
-    exs = [
-        Example([Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8))], "en", None, f"s{i}")
-        for i in range(5)
-    ]
+    exs = [Example([noise_image(rng)], "en", None, f"s{i}") for i in range(5)]
     dcfg = DCDConfig(block_size=4, top_k=8, max_new_tokens=8, collect_batch=2)
     whole, looped, _ = decode_share(model, exs, range(5), tok, proc, dcfg)
     shares = [decode_share(model, exs, range(r, 5, 2), tok, proc, dcfg) for r in (0, 1)]
@@ -443,3 +433,34 @@ def test_echocxr_train_stage_dcd_cli(tiny, tmp_path):
         student.eval(), batch, DecodeConfig(decoder="onestep", steps=1, block_size=4, max_new_tokens=8)
     )
     assert res.forwards == res.stats["blocks"] and all(1 <= len(t) <= 8 for t in res.tokens)
+
+
+@pytest.mark.parametrize("guarded", [True, False])
+def test_teacher_rollouts_never_hold_a_banned_token(tiny, monkeypatch, guarded):
+    """Phase 1 runs the decoders' guard: a teacher biased towards the mask token (then pad and the
+    image markers) still commits none of them and records 0 probability for them. Unguarded (the
+    guard patched out) the same teacher writes the mask token, so the check can fail."""
+    from echocxr.model import denoise
+    from echocxr.train import dcd
+
+    _, tok, proc, cfg = tiny
+    model = prefer_banned(EchoVLM.from_config(cfg, tok, seed=0).eval())
+    s = model.special
+    monkeypatch.setattr(dcd, "repetition_loop", lambda body: False)  # keep every rollout
+    if not guarded:
+        none = lambda m, tokenizer=None: torch.zeros(m.vocab_size, dtype=torch.bool)  # noqa: E731
+        monkeypatch.setattr(denoise, "banned_tokens", none)
+    rng = np.random.default_rng(6)
+    exs = [Example([noise_image(rng)], lang, None, f"s{i}") for i, lang in enumerate(["en", "zh"])]
+    dcfg = dcd.DCDConfig(block_size=4, top_k=8, max_new_tokens=8, collect_batch=2)
+    rollouts, looped, _ = dcd.decode_share(model, exs, range(2), tok, proc, dcfg)
+    assert len(rollouts) == 2 and looped == 0
+    banned = denoise.banned_tokens(model, tok) if guarded else None
+    written = {t for r in rollouts for t in r.tokens.tolist()}
+    if not guarded:
+        assert s.mask in written
+        return
+    assert not any(bool(banned[t]) for t in written)
+    for r in rollouts:  # the recorded distributions: a banned id may fill a top-k slot, at p = 0
+        hit = banned[r.top_idx.long()]
+        assert (r.top_p[hit] == 0).all()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import echocxr.decode.common as common
 from echocxr.batch import Example, collate
@@ -16,6 +15,7 @@ from echocxr.model.config import get_preset
 from echocxr.model.image_processing import make_image_processor
 from echocxr.model.tokenizer import train_bpe
 from echocxr.model.vlm import EchoVLM
+from helpers import noise_image, prefer_banned
 
 TEXTS = ["Findings: The heart is normal in size. No pleural effusion.\nImpression: Normal chest."] * 20
 
@@ -34,14 +34,9 @@ def biased():
     torch.set_num_threads(1)  # steadier on a shared 2-core box
     tok = train_bpe(TEXTS, 300)
     cfg = get_preset("tiny")
-    model = EchoVLM.from_config(cfg, tok, seed=0).eval()
-    s = model.special
-    bias = torch.zeros(model.vocab_size)
-    bias[s.mask], bias[s.pad], bias[s.image], bias[s.vision_start] = 60.0, 50.0, 40.0, 30.0
-    plain = model.logits
-    model.logits = lambda h: plain(h) + bias.to(h.dtype)  # instance attribute: this fixture only
+    model = prefer_banned(EchoVLM.from_config(cfg, tok, seed=0).eval())
     rng = np.random.default_rng(0)
-    img = lambda: Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8))  # noqa: E731
+    img = lambda: noise_image(rng)  # noqa: E731
     batch = collate(
         [Example([img()], "en"), Example([img()], "zh")],
         tok,

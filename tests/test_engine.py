@@ -8,7 +8,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from echocxr.batch import Example, collate
 from echocxr.decode.config import DecodeConfig
@@ -18,6 +17,7 @@ from echocxr.model.config import get_preset
 from echocxr.model.image_processing import make_image_processor
 from echocxr.model.tokenizer import train_bpe
 from echocxr.model.vlm import EchoVLM
+from helpers import noise_image, widen
 
 TEXTS = [
     "Findings: The heart is normal in size. No pleural effusion. No pneumothorax.\nImpression: Normal chest.",
@@ -40,13 +40,9 @@ def tiny():
     model = EchoVLM.from_config(cfg, tok, seed=0).eval()
     # A wider init than the default so the tokens depend on the image (batch invariance would
     # hold trivially for a model that ignores its input).
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.hf.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3, generator=g)
+    widen(model)
     rng = np.random.default_rng(3)
-    ims = [Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)) for _ in range(5)]
+    ims = [noise_image(rng) for _ in range(5)]
     # different languages and image counts: left padding differs between a row alone and in a batch
     exs = [
         Example([ims[0]], "en"),

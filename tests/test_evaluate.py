@@ -172,7 +172,7 @@ def test_eos_confidence_counts_positions(tiny):
         model.config.image_tokens,
         multiple_of=4,
     )
-    from echocxr.train.rad import logits_for_block
+    from echocxr.model.layout import logits_for_block
 
     # the decoders' reading: token j of the block from slot j-1, token 0 from the last clean token
     with torch.no_grad():

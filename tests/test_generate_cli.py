@@ -15,12 +15,7 @@ from echocxr.model.config import get_preset
 from echocxr.model.image_processing import make_image_processor
 from echocxr.model.tokenizer import train_bpe
 from echocxr.model.vlm import EchoVLM
-
-TEXTS = [
-    "Findings: The heart is normal in size. No pleural effusion. No pneumothorax.\nImpression: Normal chest.",
-    "Findings: Mild cardiomegaly. Small left pleural effusion.\nImpression: Cardiomegaly with effusion.",
-    "所见：心影大小正常。无胸腔积液。无气胸。\n印象：胸部未见异常。",
-] * 20
+from helpers import REPORTS as TEXTS
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ the decoders)."""
 
 import ast
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -47,10 +48,18 @@ def test_checkpoint_saves_the_shift_and_loading_checks_it(tmp_path):
     (ck / ECHO_CONFIG).write_text(json.dumps(meta))
     with pytest.raises(UserError, match="cannot decode or train it correctly"):
         EchoVLM.from_pretrained(ck)
-    del meta[layout.SHIFT_KEY]
+    del meta[layout.SHIFT_KEY]  # a checkpoint written before the field existed
     (ck / ECHO_CONFIG).write_text(json.dumps(meta))
-    with pytest.raises(UserError, match="no 'token_shift' field"):
+    with pytest.raises(UserError, match="no 'token_shift' field") as err:
         EchoVLM.from_pretrained(ck)
+    # one line naming the file, the field and value to add and why it is not guessed; doing
+    # exactly what it says makes the checkpoint load
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"{ck}/echocxr.json: ") and "not guessed" in msg
+    fix = re.search(r'add ("token_shift": \w+) to that file', msg)
+    assert fix, msg
+    (ck / ECHO_CONFIG).write_text(json.dumps({**meta, **json.loads("{" + fix.group(1) + "}")}))
+    assert EchoVLM.from_pretrained(ck)[3][layout.SHIFT_KEY] is layout.AR_SHIFT
     (ck / ECHO_CONFIG).write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):
         EchoVLM.from_pretrained(ck)

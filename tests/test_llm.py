@@ -3,58 +3,29 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from echocxr.data.cache import DiskCache
 from echocxr.data.llm import LLMClient, LLMConfig, LLMError, chinese_only, load_prompt, parse_json_object
 from echocxr.errors import UserError
+from helpers import LoopbackServer
 
 
-class ScriptedServer:
+class ScriptedServer(LoopbackServer):
     """Answers POST /v1/chat/completions with the scripted (status, content) replies in turn."""
 
     def __init__(self, script: list[tuple[int, str]]):
         self.script = list(script)
         self.requests: list[dict] = []
-        outer = self
+        super().__init__(self._answer)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 - http.server's naming
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append(
-                    {"path": self.path, "body": body, "auth": self.headers.get("Authorization")}
-                )
-                status, content = outer.script.pop(0) if outer.script else (500, "script exhausted")
-                if status == 200:
-                    payload = json.dumps(
-                        {"choices": [{"message": {"role": "assistant", "content": content}}]}
-                    )
-                else:
-                    payload = json.dumps({"error": content})
-                data = payload.encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):  # keep test output clean
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def _answer(self, path, headers, body):
+        self.requests.append({"path": path, "body": body, "auth": headers.get("Authorization")})
+        status, content = self.script.pop(0) if self.script else (500, "script exhausted")
+        if status == 200:
+            return status, {"choices": [{"message": {"role": "assistant", "content": content}}]}
+        return status, {"error": content}
 
 
 GOOD = json.dumps(

@@ -6,7 +6,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import echocxr.decode.onestep as onestep
 from echocxr.batch import Batch, Example, collate
@@ -15,12 +14,8 @@ from echocxr.model.config import get_preset
 from echocxr.model.image_processing import make_image_processor
 from echocxr.model.tokenizer import train_bpe
 from echocxr.model.vlm import EchoVLM
-
-TEXTS = [
-    "Findings: The heart is normal in size. No pleural effusion. No pneumothorax.\nImpression: Normal chest.",
-    "Findings: Mild cardiomegaly. Small left pleural effusion.\nImpression: Cardiomegaly with effusion.",
-    "所见：心影大小正常。无胸腔积液。无气胸。\n印象：胸部未见异常。",
-] * 20
+from helpers import REPORTS as TEXTS
+from helpers import noise_image, widen
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +24,7 @@ def tiny():
     cfg = get_preset("tiny")
     model = EchoVLM.from_config(cfg, tok, seed=0).eval()
     proc = make_image_processor(cfg.image_size)
-    # At the default init (std 0.02) a tiny random model emits a position-driven pattern whatever
-    # its input; a wider init makes its tokens depend on the prompt and on what it committed.
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.hf.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3, generator=g)
+    widen(model)  # so its tokens depend on the prompt and on what it committed
     # Random weights almost never pick <|im_end|>. To exercise per-row stopping, declare as "EOS" a
     # token the model does emit, chosen so that most rows end, in different blocks.
     batch, dc = _batch(tok, proc, cfg), _dc(max_new_tokens=40, block_size=4)
@@ -54,7 +43,7 @@ def _dc(**kw) -> DecodeConfig:
 
 def _batch(tok, proc, cfg):
     rng = np.random.default_rng(1)
-    img = lambda: Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8))  # noqa: E731
+    img = lambda: noise_image(rng)  # noqa: E731
     # Different prompt lengths (languages, image counts) so left padding is exercised.
     exs = [
         Example([img()], "en"),

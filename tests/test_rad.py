@@ -8,22 +8,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from echocxr.batch import Example, collate
-from echocxr.decode.block import CachedContext
 from echocxr.model.config import get_preset
+from echocxr.model.denoise import CachedContext
 from echocxr.model.image_processing import make_image_processor
+from echocxr.model.layout import logits_for_block
 from echocxr.model.masks import block_causal
 from echocxr.model.tokenizer import train_bpe
 from echocxr.model.vlm import EchoVLM
 from echocxr.train import rad
+from helpers import REPORTS as TEXTS
+from helpers import noise_image
 
-TEXTS = [
-    "Findings: The heart is normal in size. No pleural effusion. No pneumothorax.\nImpression: Normal chest.",
-    "Findings: Mild cardiomegaly. Small left pleural effusion.\nImpression: Cardiomegaly with effusion.",
-    "所见：心影大小正常。无胸腔积液。无气胸。\n印象：胸部未见异常。",
-] * 20
 B = 4
 
 
@@ -35,7 +32,7 @@ def tiny():
     model = EchoVLM.from_config(cfg, tok, seed=0, dtype=torch.float64)
     proc = make_image_processor(cfg.image_size)
     rng = np.random.default_rng(0)
-    img = lambda: Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8))  # noqa: E731
+    img = lambda: noise_image(rng)  # noqa: E731
     exs = [
         Example([img()], "en", "Findings: No pleural effusion.\nImpression: Normal chest."),
         Example([img(), img()], "zh", "所见：无气胸。\n印象：胸部未见异常。心影大小正常。"),
@@ -129,7 +126,7 @@ def test_noisy_block_logits_equal_the_decoders(tiny, shift):
         for i in range(R // B):
             blk = slice(i * B, (i + 1) * B)
             h_blk, first = ctx.denoise(x_t[:, blk])
-            dec_logits = rad.logits_for_block(model, h_blk, first, shift)
+            dec_logits = logits_for_block(model, h_blk, first, shift)
             torch.testing.assert_close(dec_logits, train_logits[:, blk], rtol=1e-7, atol=1e-7)
             ctx.commit(x0[:, blk])
 
@@ -315,7 +312,7 @@ def test_echocxr_train_stage_rad_cli(tiny, tmp_path):
     for a, b in zip(model.visual.parameters(), stage1.visual.parameters(), strict=True):
         assert torch.equal(a.to(b.dtype), b)
     rng = np.random.default_rng(5)
-    img = Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8))
+    img = noise_image(rng)
     batch = collate([Example([img], "en")], tok2, proc2, cfg.image_tokens)
     dc = DecodeConfig(decoder="block", block_size=B, steps=2, max_new_tokens=8, strategy="confidence_static")
     res = generate(model.eval(), batch, dc)

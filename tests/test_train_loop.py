@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import load_file
 
 from echocxr.batch import Example, collate
@@ -23,6 +22,7 @@ from echocxr.model.vlm import EchoVLM
 from echocxr.train import loop
 from echocxr.train.ar import ar_logits, ar_loss
 from echocxr.train.data import Layout, StudyStream
+from helpers import noise_image
 
 REPORTS = [
     ("en", "The heart is normal in size. No pleural effusion. No pneumothorax.", "Normal chest."),
@@ -74,7 +74,7 @@ def test_ar_loss_matches_unpadded_rows():
     model = EchoVLM.from_config(cfg, tok, seed=0, dtype=torch.float64)
     proc = make_image_processor(cfg.image_size)
     rng = np.random.default_rng(0)
-    img = lambda: Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8))  # noqa: E731
+    img = lambda: noise_image(rng)  # noqa: E731
     exs = [
         Example([img()], "en", "Findings: No effusion.\nImpression: Normal."),
         Example([img(), img()], "zh", "所见：无气胸。心影大小正常。\n印象：胸部未见异常。"),

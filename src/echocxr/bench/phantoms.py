@@ -341,7 +341,7 @@ def write_gallery(path: Path, real_dir: Path | None, *, size: int = 256, seed: i
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from echocxr.data.images import fit_square, load_image
+    from echocxr.data.images import load_image, prepare_image
     from echocxr.data.phantom import render_phantom
 
     tiles: list[tuple[str, np.ndarray]] = []
@@ -354,7 +354,7 @@ def write_gallery(path: Path, real_dir: Path | None, *, size: int = 256, seed: i
     )
     if real_dir is not None and real_dir.is_dir():
         for p in sorted(real_dir.glob("*.png")):
-            tiles.append((f"REAL {p.stem[:18]}", np.asarray(fit_square(load_image(p), size))))
+            tiles.append((f"REAL {p.stem[:18]}", np.asarray(prepare_image(load_image(p), size))))
     cols = 8
     rows = math.ceil(len(tiles) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.75 + 0.3), dpi=100)

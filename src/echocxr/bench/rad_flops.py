@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from echocxr.errors import UserError
+from echocxr.model.denoise import BLOCK_SIZE
 from echocxr.model.masks import dense, rad_rule, symmetric_rule
 
 FLEX_TILE = 128  # FlexAttention's default block size (BlockMask.BLOCK_SIZE)
@@ -128,7 +129,7 @@ def add_arguments(parser) -> None:
         "--vision", default="500,1000,2500", help="comma-separated prefix (vision) lengths V in tokens"
     )
     parser.add_argument("--response", type=int, default=300, help="response length R in tokens")
-    parser.add_argument("--block-size", type=int, default=8)
+    parser.add_argument("--block-size", type=int, default=BLOCK_SIZE)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per layout and length")
     parser.add_argument("--warmup", type=int, default=1)

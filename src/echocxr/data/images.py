@@ -271,7 +271,7 @@ def _resolve_path(p: str, root: Path | None) -> Path:
     return path if path.is_absolute() or root is None else root / path
 
 
-def _real_paths(record, views, root: Path | None) -> list[Path] | None:
+def real_image_paths(record, views, root: Path | None) -> list[Path] | None:
     """One existing file per requested view, or None when some view has none.
 
     A stated view (PA/AP/frontal, LATERAL) is matched first; images without one fill the
@@ -327,7 +327,7 @@ def study_images(
         raise ValueError(f"views must be among {VIEWS}, not {bad}")
     root_path = Path(root) if root is not None else None
     if source != "phantom":
-        paths = _real_paths(record, views, root_path)
+        paths = real_image_paths(record, views, root_path)
         if paths is not None:
             return [prepare_image(load_image(p), size) for p in paths]
         if source == "real":

@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from echocxr.errors import UserError
+from echocxr.model import denoise  # the block defaults, beside the loop that uses them
 from echocxr.model.config import ModelConfig
-from echocxr.model.denoise import STRATEGIES  # the unmasking orders, beside the loop that uses them
+from echocxr.model.denoise import STRATEGIES  # the unmasking orders (re-exported by decode.api)
 
 DECODERS = ("ar", "block", "onestep")
 # The decoder a checkpoint of each training stage is meant for (echocxr.json "stage").
@@ -25,16 +26,18 @@ class DecodeConfig:
     decoder: str = "ar"
     # without a checkpoint, the preset default's response length; a checkpoint's own wins
     max_new_tokens: int = ModelConfig.max_response_tokens
-    block_size: int = 8  # B (paper: 4, 8 or 16); a checkpoint's trained block size wins
+    block_size: int = denoise.BLOCK_SIZE  # B; a checkpoint's trained block size wins
     steps: int | None = None  # denoising steps per block ("block" only), 1..B; None: B (one token/step)
-    strategy: str = "confidence_dynamic"
-    threshold: float = 0.85  # confidence_dynamic: commit every position above it (and the scheduled count)
+    strategy: str = denoise.STRATEGY
+    threshold: float = (
+        denoise.THRESHOLD
+    )  # confidence_dynamic: commit every position above it (and the scheduled count)
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     fused: bool = True  # "onestep": fused block KV cache
     record_trajectory: bool = False
-    trajectory_top_k: int = 64  # distributions kept per committed position when recording
+    trajectory_top_k: int = denoise.RECORD_TOP_K  # distributions kept per committed position when recording
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -37,6 +37,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from echocxr.decode.config import DecodeConfig  # the decoding defaults
 from echocxr.errors import UserError
 
 SETTINGS = "settings.json"
@@ -68,11 +69,11 @@ class EvalConfig:
     corpus: str
     out: str
     decoder: str = "ar"
-    block_size: int | None = None  # None: the checkpoint's block size (echocxr.json), else 8
+    block_size: int | None = None  # None: the checkpoint's block size (echocxr.json), else DecodeConfig's
     steps: int | None = None  # "block" decoder: None means one token per step (steps = block size)
     fused: bool = True
-    strategy: str = "confidence_dynamic"
-    threshold: float = 0.85
+    strategy: str = DecodeConfig.strategy
+    threshold: float = DecodeConfig.threshold
     max_new_tokens: int | None = None  # None: the checkpoint's max_response_tokens
     batch_size: int = 8
     limit: int | None = None
@@ -206,18 +207,31 @@ def phantom_truth(record, seed: int) -> dict:
 
 
 def record_images(record, *, size: int, seed: int, source: str, views, root: Path):
-    """(images, "real" | "phantom") for one study; "auto" takes real files where every view has one."""
-    from echocxr.data.images import study_images
+    """(images, "real" | "phantom") for one study; "auto" takes real files where every view has one.
+
+    A study whose files exist is never switched to phantoms behind the user's back: a real file
+    that cannot be read or is refused (corrupt, truncated, an unreadable DICOM, too small, a strip)
+    raises UserError naming the file, under "auto" as under "real" (docs/METRICS.md). Only a study
+    without a file for some requested view gets phantoms under "auto".
+    """
+    from echocxr.data.images import real_image_paths, study_images
     from echocxr.data.phantom import MAX_SIZE, MIN_SIZE
 
     # The phantom renderer has a size range (tiny's 56 px is below it); the image processor
     # resizes to the model's input either way.
     size = min(max(size, MIN_SIZE), MAX_SIZE)
     if source == "auto":
-        try:
-            return study_images(record, size=size, seed=seed, source="real", views=views, root=root), "real"
-        except UserError:
+        if real_image_paths(record, views, Path(root) if root is not None else None) is None:
             source = "phantom"
+        else:
+            try:
+                imgs = study_images(record, size=size, seed=seed, source="real", views=views, root=root)
+            except UserError as e:
+                raise UserError(
+                    f"{e} (study {record.study_id}; --image-source auto uses a study's files when they "
+                    "exist: fix or remove the file, or pass --image-source phantom)"
+                ) from None
+            return imgs, "real"
     return study_images(record, size=size, seed=seed, source=source, views=views, root=root), source
 
 

@@ -70,12 +70,7 @@ def pareto_plot(
     if missing:
         fig.text(0.01, 0.01, "no value: " + ", ".join(missing), fontsize=6)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def eos_confidence_plot(by_block: dict, path: str | Path, *, title: str = "") -> Path:
@@ -102,13 +97,18 @@ def eos_confidence_plot(by_block: dict, path: str | Path, *, title: str = "") ->
     ax.set_title(title or "EOS vs content confidence by block size", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
+    return _save(plt, fig, path)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _save(plt, fig, path: str | Path) -> Path:
+    """Lay out `fig`, write it to `path` (parent folders created) and free it; returns the path."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
     return path
-
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)

@@ -43,6 +43,13 @@ from echocxr.model.layout import (
 
 STRATEGIES = ("confidence_dynamic", "confidence_static", "sequential")  # the unmasking orders
 
+# The block defaults, one source for RAD training, DCD's teacher, the decoders and eval (all of
+# them import this module; `decode.config.DecodeConfig` repeats none of them).
+BLOCK_SIZE = 8  # B (paper: 4, 8 or 16)
+STRATEGY = "confidence_dynamic"
+THRESHOLD = 0.85  # confidence_dynamic: commit every masked position above it
+RECORD_TOP_K = 64  # teacher probabilities kept per committed position when recording a trajectory
+
 
 # -- prefill, sampling --------------------------------------------------------------------------------
 
@@ -306,8 +313,8 @@ def denoise_blocks(
     block: int,
     steps: int,
     max_new_tokens: int,
-    strategy: str = "confidence_dynamic",
-    threshold: float = 0.85,
+    strategy: str = STRATEGY,
+    threshold: float = THRESHOLD,
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,

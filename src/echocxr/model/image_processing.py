@@ -14,6 +14,10 @@ import torch
 
 from echocxr.errors import UserError
 
+# Image side for a checkpoint without a preset (a real Qwen2.5-VL folder without echocxr.json):
+# phantoms are rendered at it and its processor (min/max pixels) resizes from there.
+REAL_IMAGE_SIZE = 448
+
 
 def _processor_class():
     # transformers >= 5.x names the PIL/numpy backend explicitly; the plain class needs torchvision.
@@ -61,7 +65,7 @@ def load_image_processor(path: Path, cfg=None):
     """
     file = Path(path) / "preprocessor_config.json"
     if not file.is_file():
-        return make_image_processor(cfg.image_size if cfg else 448)
+        return make_image_processor(cfg.image_size if cfg else REAL_IMAGE_SIZE)
     try:
         processor = _processor_class().from_pretrained(path)
     except (OSError, ValueError, TypeError, KeyError) as e:

@@ -47,12 +47,16 @@ def checkpoint_fields() -> dict:
 def check_checkpoint(meta: dict, where: str | Path) -> None:
     """Raise UserError unless echocxr.json `meta` of checkpoint `where` records the token shift this
     code reads logits with. A checkpoint without the field (written before it existed, or by hand)
-    is refused rather than guessed: its logits might be read one slot off."""
+    is refused rather than guessed: its logits might be read one slot off. The message says which
+    field to add with which value (`echocxr train` has trained every stage with the shift since
+    2026-11-22 and records it since 2026-11-30)."""
     if SHIFT_KEY not in meta:
         raise UserError(
             f"{where}/echocxr.json: no {SHIFT_KEY!r} field, so the token shift it was trained with is "
-            f"unknown; if it came from echocxr train before the field existed, add "
-            f'"{SHIFT_KEY}": {str(AR_SHIFT).lower()}'
+            f"unknown (checkpoints written before 2026-11-30 lack it). If `echocxr train` wrote it on or "
+            f'after 2026-11-22, add "{SHIFT_KEY}": {str(AR_SHIFT).lower()} to that file (every stage '
+            "reads token j from slot j-1 since then); it is not guessed because a checkpoint trained "
+            "without the shift would decode one slot off, silently"
         )
     if meta[SHIFT_KEY] is not AR_SHIFT:
         raise UserError(

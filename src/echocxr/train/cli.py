@@ -24,7 +24,6 @@ import torch
 from echocxr.errors import UserError
 
 STAGES = {"ar": "echocxr.train.ar", "rad": "echocxr.train.rad", "dcd": "echocxr.train.dcd"}
-REAL_IMAGE_SIZE = 448  # phantom side for a real checkpoint (no preset); its processor resizes
 TOKENIZER_DIR = "tokenizer"  # OUT/tokenizer: the BPE trained for a preset, reused on resume
 
 
@@ -137,6 +136,7 @@ def _train_tokenizer(corpus: str, vocab_size: int):
 def run(args) -> int:
     from dataclasses import asdict
 
+    from echocxr.model.image_processing import REAL_IMAGE_SIZE, image_tokens
     from echocxr.train.data import StudyStream
     from echocxr.train.loop import FINAL_DIR, TrainConfig, barrier, init_distributed, train
 
@@ -192,7 +192,7 @@ def run(args) -> int:
             processor=processor,
             tokens_per_image=model.config.image_tokens
             if model.config
-            else _tokens_per_image(model, processor),
+            else image_tokens(processor, REAL_IMAGE_SIZE),
             image_size=model.config.image_size if model.config else REAL_IMAGE_SIZE,
             seed=args.seed,
             image_source=args.image_source,
@@ -246,13 +246,3 @@ def run(args) -> int:
 
         dist.destroy_process_group()
     return 0
-
-
-def _tokens_per_image(model, processor) -> int:
-    """Merged visual tokens per image for a real checkpoint without echocxr.json."""
-    from PIL import Image
-
-    from echocxr.model.image_processing import preprocess
-
-    _, grid = preprocess(processor, [Image.new("L", (REAL_IMAGE_SIZE, REAL_IMAGE_SIZE))])
-    return int(grid[0].prod()) // (model.merge**2)

@@ -192,16 +192,16 @@ def repetition_loop(tokens: list[int], max_n: int = 8, min_repeats: int = 3, min
 
 @dataclass(frozen=True)
 class DCDConfig:
-    block_size: int = 8
+    block_size: int = denoise.BLOCK_SIZE
     objective: str = "dcd"  # "dcd" | "onestep-ft" (ablation: one-step CE on ground truth, no teacher)
     kl: str = "forward"  # "forward" (paper) | "reverse" (ablation)
     alpha: float = 1.0  # step weight slope; 0 = --no-step-weight
     eos_weight: float = 1.0  # lambda_eos; 0 = --no-eos-loss
-    top_k: int = 64  # teacher probabilities kept per position (+ the rest mass)
+    top_k: int = denoise.RECORD_TOP_K  # teacher probabilities kept per position (+ the rest mass)
     teacher_steps: int | None = None  # K denoising steps per block for the teacher (None: block size)
-    strategy: str = "confidence_dynamic"
-    threshold: float = 0.85
-    max_new_tokens: int = 128  # longest teacher rollout
+    strategy: str = denoise.STRATEGY
+    threshold: float = denoise.THRESHOLD
+    max_new_tokens: int | None = None  # longest teacher rollout; None: the teacher's max_response_tokens
     rounds: int = 1
     refresh: str = "teacher"  # who decodes the trajectories of rounds after the first
     distill_studies: int = 256
@@ -221,6 +221,8 @@ class DCDConfig:
             raise UserError(f"--refresh must be one of {REFRESH}, not {self.refresh!r}")
         if self.block_size < 1 or self.top_k < 1 or self.rounds < 1 or self.distill_studies < 1:
             raise UserError("--block-size, --top-k, --rounds and --distill-studies must be >= 1")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.teacher_steps is not None and not 1 <= self.teacher_steps <= self.block_size:
             raise UserError(f"--teacher-steps must be in 1..{self.block_size}")
 
@@ -356,7 +358,11 @@ def decode_share(
     eos, tpi = decoder.special.eos, decoder.config.image_tokens
     mine = list(indices)
     rollouts, looped, unfinished = [], 0, 0
-    n_tokens = -(-cfg.max_new_tokens // cfg.block_size) * cfg.block_size
+    max_new = cfg.max_new_tokens or decoder.config.max_response_tokens
+    n_tokens = -(-max_new // cfg.block_size) * cfg.block_size
+    # the decoders' guard: the teacher never commits the mask token or a special token other than
+    # EOS, so no rollout teaches the student one (its recorded distributions put 0 mass on them)
+    banned = denoise.banned_tokens(decoder, tokenizer)
     for i in range(0, len(mine), cfg.collect_batch):
         idx = mine[i : i + cfg.collect_batch]
         prompts = [
@@ -369,11 +375,12 @@ def decode_share(
             batch.size,
             block=cfg.block_size,
             steps=cfg.steps,
-            max_new_tokens=cfg.max_new_tokens,
+            max_new_tokens=max_new,
             strategy=cfg.strategy,
             threshold=cfg.threshold,
             seed=cfg.seed,
             record_top_k=cfg.top_k,
+            banned=banned,
         )
         for j, tokens, traj in zip(idx, out.tokens, out.trajectory, strict=True):
             body = tokens[:-1] if tokens and tokens[-1] == eos else tokens
@@ -575,7 +582,12 @@ def add_stage_arguments(parser) -> None:
     g.add_argument("--teacher-steps", type=int, default=None, help="teacher steps per block (default: B)")
     g.add_argument("--strategy", default=d.strategy, help="teacher unmasking order (decode.block)")
     g.add_argument("--threshold", type=float, default=d.threshold)
-    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="longest teacher rollout")
+    g.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=d.max_new_tokens,
+        help="longest teacher rollout (default: the teacher's max_response_tokens)",
+    )
     g.add_argument("--rounds", type=int, default=d.rounds, help="trajectory collection rounds")
     g.add_argument("--refresh", choices=REFRESH, default=d.refresh, help="who decodes rounds after the first")
     g.add_argument(

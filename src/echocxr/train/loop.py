@@ -236,13 +236,19 @@ def save_checkpoint(out: Path, step: int, state: dict, keep: int) -> Path:
     tmp = root / f".tmp-step_{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    _publish_checkpoint(out, tmp, final, state, keep)
+    return final
+
+
+def _publish_checkpoint(out: Path, tmp: Path, final: Path, state: dict, keep: int) -> None:
+    """Add trainer.pt and args.json to the temp folder, rename it to `final` (a kill leaves either
+    the old checkpoint or the new one, never half of one) and prune OUT/ckpt to `keep`."""
     torch.save(state, tmp / TRAINER_FILE)
     (tmp / "args.json").write_text(json.dumps(state["args"], indent=2, default=str))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in checkpoints(out)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -268,12 +274,7 @@ def save_sharded_checkpoint(out: Path, step: int, runner, opt, state: dict, keep
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / SHARDED_DIR)
     barrier(d)
     if d.main:
-        torch.save(state, tmp / TRAINER_FILE)
-        (tmp / "args.json").write_text(json.dumps(state["args"], indent=2, default=str))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in checkpoints(out)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        _publish_checkpoint(out, tmp, final, state, keep)
     barrier(d)
     return final
 

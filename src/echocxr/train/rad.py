@@ -32,18 +32,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from echocxr.model.layout import (  # noqa: F401 (logits_for_block: re-exported for older callers)
-    checkpoint_fields,
-    logits_for_block,
-    rad_inputs,
-    response_logit_index,
-)
+from echocxr.model.denoise import BLOCK_SIZE
+from echocxr.model.layout import checkpoint_fields, rad_inputs, response_logit_index
 from echocxr.model.vlm import EchoVLM
 
 
 @dataclass(frozen=True)
 class RADConfig:
-    block_size: int = 8  # B: 4, 8 or 16 in the paper's sweep
+    block_size: int = BLOCK_SIZE  # B: 4, 8 or 16 in the paper's sweep
     freeze_vision: bool = True  # vision tower and merger frozen, as in the paper
     seed: int = 0  # the noise of step s comes from (seed, s): a resumed run draws the same masks
     # "flex": FlexAttention block mask (GPU; skips fully masked tiles, which is where RAD saves
