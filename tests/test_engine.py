@@ -83,11 +83,13 @@ def test_commit_events_concatenate_to_the_output(tiny, decoder):
     out = Engine(model, device="cpu").generate(batch([0, 1, 2, 3]), CONFIGS[decoder], events.append)
     got, finished = [[] for _ in range(4)], [False] * 4
     for e in events:
-        assert len(e.rows) == len(e.tokens) == len(e.finished) and e.rows
-        for r, toks, fin in zip(e.rows, e.tokens, e.finished, strict=True):
+        assert len(e.rows) == len(e.tokens) == len(e.finished) == len(e.totals) and e.rows
+        for r, toks, fin, total in zip(e.rows, e.tokens, e.finished, e.totals, strict=True):
             assert not finished[r] and toks  # a finished row emits nothing more
             got[r] += toks
             finished[r] = fin
+            assert total == got[r]  # the whole output so far: a finished row is answerable at once
+        assert e.prefill_ms == out.stats["prefill_s"] * 1e3 > 0
     assert got == out.tokens and all(finished)
     assert [e.forwards for e in events] == sorted(e.forwards for e in events)
     assert events[-1].forwards == out.forwards

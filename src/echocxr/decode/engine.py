@@ -16,8 +16,10 @@ compiled) steps, and runs every decoder over them, call after call.
 - `Run.pick` is the one place logits become tokens: the decoding guard (`common.guard`: the mask
   token and special tokens other than EOS at -inf) and then `common.sample`.
 
-Rows that finish early stop emitting events but keep their slot in the batch (EOS-filled), so
-they still cost compute: the batch keeps one shape. At temperature 0 each row's tokens depend
+Rows that finish early stop emitting events (their last event, marked finished, carries their
+whole output, so a server answers them at once) but keep their slot in the batch (EOS-filled), so
+they still cost compute: the batch keeps one shape (compacting finished rows out is not done; see
+docs/DECODING.md). At temperature 0 each row's tokens depend
 only on its own prompt (attention never crosses rows; tests/test_engine.py checks a row alone
 against the same row in a batch of 4).
 """
@@ -54,13 +56,19 @@ SLOT_QUANTUM = 64  # cache slots are allocated in multiples of this
 @dataclass(frozen=True)
 class CommitEvent:
     """What one forward committed (`Engine.generate(on_commit=...)`): for every row listed, its new
-    token ids after EOS and max-token cut (a finished row's last event ends at its EOS)."""
+    token ids after EOS and max-token cut (a finished row's last event ends at its EOS).
+
+    The event says all a server needs to answer a row the moment it finishes, before its
+    batch-mates end: `totals[i]` is row `rows[i]`'s whole output so far (on its finished event,
+    its final `Output.tokens` row), `prefill_ms` the batch's prefill time."""
 
     rows: list[int]  # batch rows that committed tokens in this forward
     tokens: list[list[int]]  # per such row, the newly committed ids
     finished: list[bool]  # per such row: it reached EOS or its max_new_tokens
     forwards: int  # forwards run so far in this call, prefill excluded
     elapsed_ms: float  # since the call started, prefill included
+    totals: list[list[int]]  # per such row, every id committed so far (a copy, EOS included)
+    prefill_ms: float  # wall time of this call's prefill (0.0 on the uncached reference path)
 
 
 class Step:
@@ -126,6 +134,7 @@ class Run:
         self.trajectory = None  # the block decoder's record, when asked for
         self.cache: KVCache | None = None
         self.next_pos = self.first = None  # set by the prefill
+        self.prefill_ms = 0.0  # set by the prefill
         self.t0 = time.perf_counter()
 
     @property
@@ -163,7 +172,11 @@ class Run:
         self.done = torch.tensor(self.finished, device=self.device)
         if self.on_commit is not None and event_rows:
             ms = (time.perf_counter() - self.t0) * 1e3
-            self.on_commit(CommitEvent(event_rows, event_tokens, event_fin, self.forwards, ms))
+            totals = [list(self.out[r]) for r in event_rows]
+            event = CommitEvent(
+                event_rows, event_tokens, event_fin, self.forwards, ms, totals, self.prefill_ms
+            )
+            self.on_commit(event)
         return tokens
 
 
@@ -272,6 +285,7 @@ class Engine:
             if self.device.type == "cuda":  # the prefill's time, for decode-only numbers (bench)
                 torch.cuda.synchronize(self.device)
             prefill_s = time.perf_counter() - run.t0
+            run.prefill_ms = prefill_s * 1e3
             run.cache, run.next_pos, run.first = cache, pre.next_pos, pre.last_logits
         stats = block.decode(run, reference=True) if reference else LOOPS[cfg.decoder](run)
         stats = {"mode": "reference" if reference else self.mode, "prefill_s": prefill_s, **stats}
