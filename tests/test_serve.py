@@ -673,3 +673,17 @@ def test_a_row_that_finishes_early_is_answered_before_its_batch_ends(backend, pn
     assert later_long, "the long row committed nothing after the short one was answered"
     long = order[done_at["long"]][1].result
     assert short.result.forwards < long.forwards and short.result.decode_ms < long.decode_ms
+
+
+def test_trained_on_reaches_the_api_as_the_metadata_says(backend, server, monkeypatch):
+    """The banner's source: /v1/models and /health carry the checkpoint's `trained_on`; a value
+    `echocxr train` never writes, or none, reads "unknown"."""
+    assert httpx.get(server + "/v1/models").json()["data"][0]["echocxr"]["trained_on"] == "phantom"
+    for written, shown in (
+        ("mixed", "mixed"),
+        ("real", "real"),
+        ("synthetic?", "unknown"),
+        (None, "unknown"),
+    ):
+        monkeypatch.setitem(backend.meta, "trained_on", written)
+        assert backend.trained_on == shown

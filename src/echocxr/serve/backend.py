@@ -109,10 +109,14 @@ class ReportBackend:
 
     @property
     def trained_on(self) -> str:
-        """What the checkpoint's metadata says its training images were: "real", "phantom" or
-        "unknown" (the `trained_on` key of echocxr.json; absent in checkpoints that predate it)."""
+        """What the checkpoint's metadata says its training images were: "real", "phantom",
+        "mixed" (`train.data.TRAINED_ON`: the `trained_on` key `echocxr train` writes from the
+        images its stages counted) or "unknown" (the key is absent: a checkpoint that predates
+        it, or one whose stages counted no images)."""
+        from echocxr.train.data import TRAINED_ON
+
         value = self.meta.get("trained_on")
-        return value if value in ("real", "phantom") else "unknown"
+        return value if value in TRAINED_ON else "unknown"
 
     def example(self, images, language: str) -> Row:
         """Decoded images of one study -> its model input as a one-row `Batch` (`batch.collate`:
