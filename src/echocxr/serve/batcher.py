@@ -150,8 +150,8 @@ class Batcher:
 
     def _decode(self, group: list[Job]) -> None:
         """Decode one group; each job gets its `Done` on its row's finished event, so a row that
-        ends early is answered before its batch-mates finish (the rows still share the batch's
-        compute until the batch ends: the engine does not compact finished rows out)."""
+        ends early is answered before its batch-mates finish (and the engine stops computing it:
+        `decode.engine.Run.forward`)."""
         started = time.perf_counter()
         self.on_batch(len(group))
         answered = [False] * len(group)
