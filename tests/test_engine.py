@@ -79,11 +79,13 @@ def test_commit_events_concatenate_to_the_output(tiny, decoder):
     out = Engine(model, device="cpu").generate(batch([0, 1, 2, 3]), CONFIGS[decoder], events.append)
     got, finished = [[] for _ in range(4)], [False] * 4
     for e in events:
-        assert len(e.rows) == len(e.tokens) == len(e.finished) and e.rows
-        for r, toks, fin in zip(e.rows, e.tokens, e.finished, strict=True):
+        assert len(e.rows) == len(e.tokens) == len(e.finished) == len(e.totals) and e.rows
+        for r, toks, fin, total in zip(e.rows, e.tokens, e.finished, e.totals, strict=True):
             assert not finished[r] and toks  # a finished row emits nothing more
             got[r] += toks
             finished[r] = fin
+            assert total == got[r]  # the whole output so far: a finished row is answerable at once
+        assert e.prefill_ms == out.stats["prefill_s"] * 1e3 > 0
     assert got == out.tokens and all(finished)
     assert [e.forwards for e in events] == sorted(e.forwards for e in events)
     assert events[-1].forwards == out.forwards
@@ -113,6 +115,27 @@ def test_per_row_max_new_tokens(tiny, decoder):
     assert capped == [f[:c] for f, c in zip(full, caps, strict=True)]
     with pytest.raises(UserError, match="max_new_tokens_per_row"):
         engine.generate(b, max_new_tokens_per_row=[3, 3])
+
+
+@pytest.mark.parametrize("decoder", [*sorted(CONFIGS), "onestep-vanilla"])
+def test_finished_rows_leave_the_batch_with_the_same_tokens(tiny, decoder):
+    """Compaction (finished rows leave the cache and the step) against the full-batch path at
+    temperature 0: the same tokens, commit events and forwards, fewer rows computed."""
+    model, _, batch = tiny
+    cfg = CONFIGS["onestep"] if decoder == "onestep-vanilla" else CONFIGS[decoder]
+    cfg = replace(cfg, fused=False) if decoder == "onestep-vanilla" else cfg
+    b, caps = batch([0, 1, 2, 3]), [3, N, 5, 1]
+    runs = {}
+    for compact, mode in ((False, "eager"), (True, "eager"), (True, "static")):
+        events = []
+        engine = Engine(model, cfg, device="cpu", compact=compact, mode=mode)
+        out = engine.generate(b, on_commit=events.append, max_new_tokens_per_row=caps)
+        runs[compact, mode] = (out, [(e.rows, e.tokens, e.finished, e.forwards) for e in events])
+    (full, full_ev), (compacted, compact_ev) = runs[False, "eager"], runs[True, "eager"]
+    assert compacted.tokens == full.tokens and compacted.forwards == full.forwards
+    assert compact_ev == full_ev and runs[True, "static"][1] == full_ev  # the fixed-shape step too
+    assert full.stats["row_forwards"] == 4 * full.forwards
+    assert compacted.stats["row_forwards"] < full.stats["row_forwards"]  # the short rows left
 
 
 def test_decode_config_from_checkpoint_metadata():
@@ -145,8 +168,9 @@ def test_graph_steps_equal_eager_and_are_captured_once_on_gpu(tiny):
             graph = Engine(model, dc, device="cuda", mode="graph")
             assert graph.generate(a).tokens == eager.generate(a).tokens
             captured = {k: dict(s.fast.graphs) for k, s in graph.steps.items()}
+            allocated = graph.allocations  # 1, plus one per smaller row count rows left down to
             assert graph.generate(b).tokens == eager.generate(b).tokens
-            assert graph.allocations == 1
+            assert graph.allocations == allocated
             for k, s in graph.steps.items():  # the second call replayed the first call's graphs
                 assert all(s.fast.graphs[shape] is g for shape, g in captured[k].items())
     finally:

@@ -27,7 +27,7 @@ from echocxr.model.vlm import EchoVLM
 from echocxr.serve.app import Detokenizer, create_app
 from echocxr.serve.backend import ReportBackend
 from echocxr.serve.background import BackgroundServer
-from echocxr.serve.batcher import Batcher, Done, Job
+from echocxr.serve.batcher import Batcher, Delta, Done, Job
 from echocxr.serve.config import Limits, ServeConfig
 from echocxr.serve.images import decode_upload
 
@@ -641,3 +641,49 @@ def test_merged_rows_equal_collate_of_the_same_studies(backend, pngs):
             assert torch.equal(getattr(merged, name), getattr(ref, name)), (n_images, name)
     with pytest.raises(ValueError, match="different prompts"):
         merge_rows([backend.example(studies[0][:1], "en"), backend.example(studies[0][:1], "zh")])
+
+
+def test_a_row_that_finishes_early_is_answered_before_its_batch_ends(backend, pngs, reference):
+    """One batch, two studies: max_tokens 2 and 40. The short row's Done comes while the long row
+    is still decoding (later Deltas of the long row follow it) and equals its single-request output."""
+    from dataclasses import replace
+
+    names = sorted(pngs)
+    img = decode_upload(pngs[names[0]], names[0], max_side=4096)
+    want_short = reference(names[0], 2)
+    order, lock = [], threading.Lock()
+
+    def sink_for(k):
+        def sink(ev):
+            with lock:
+                order.append((k, ev))
+
+        return sink
+
+    batcher = Batcher(backend, max_batch=2, max_wait_ms=10_000, max_queue=8)
+    for k, n in (("short", 2), ("long", 40)):
+        batcher.submit(Job(backend.example([img], "en"), replace(backend.cfg, max_new_tokens=n), sink_for(k)))
+    batcher.start()
+    batcher.close(drain=True)
+    done_at = {k: i for i, (k, ev) in enumerate(order) if isinstance(ev, Done)}
+    assert sorted(done_at) == ["long", "short"]
+    short = order[done_at["short"]][1]
+    assert short.batch_size == 2 and backend.text(short.result.tokens) == want_short
+    later_long = [ev for k, ev in order[done_at["short"] :] if k == "long" and isinstance(ev, Delta)]
+    assert later_long, "the long row committed nothing after the short one was answered"
+    long = order[done_at["long"]][1].result
+    assert short.result.forwards < long.forwards and short.result.decode_ms < long.decode_ms
+
+
+def test_trained_on_reaches_the_api_as_the_metadata_says(backend, server, monkeypatch):
+    """The banner's source: /v1/models and /health carry the checkpoint's `trained_on`; a value
+    `echocxr train` never writes, or none, reads "unknown"."""
+    assert httpx.get(server + "/v1/models").json()["data"][0]["echocxr"]["trained_on"] == "phantom"
+    for written, shown in (
+        ("mixed", "mixed"),
+        ("real", "real"),
+        ("synthetic?", "unknown"),
+        (None, "unknown"),
+    ):
+        monkeypatch.setitem(backend.meta, "trained_on", written)
+        assert backend.trained_on == shown

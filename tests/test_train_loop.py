@@ -286,3 +286,11 @@ def test_rad_and_dcd_resume_exactly(corpus, tmp_path, monkeypatch):
         assert [r["loss"] for r in la] == [r["loss"] for r in lb], stage
     meta = json.loads((tmp_path / "dcd_killed" / "final" / "echocxr.json").read_text())
     assert len(meta["dcd_rounds"]) == 1  # the resumed run did not collect its rollouts again
+    # trained_on (issue #16): counted by the AR and RAD streams (all phantoms), carried into DCD,
+    # which draws its own images and does not count them
+    assert meta["trained_on"] == "phantom"
+    assert meta["image_counts"] == {
+        "ar": {"real": 0, "phantom": 4},
+        "rad": {"real": 0, "phantom": 8},
+        "dcd": None,
+    }

@@ -4,7 +4,8 @@ The engine has prefilled the prompt (images + instruction); the first token come
 prefill's last logits, each later token from one forward over the previous token (the engine's
 `Step` with block size 1: plain causal attention). Rows of a batch have ragged prompt lengths
 (left padding, hidden by `key_valid`) but share the cache length, so all rows step together. A
-finished row is fed EOS until every row is done (`Run.commit`). tests/test_ar.py checks this
+finished row is fed EOS until every row is done (`Run.commit`); the engine leaves it out of the
+forwards (`Run.forward`). tests/test_ar.py checks this
 against transformers' generate and an uncached loop.
 """
 

@@ -16,10 +16,15 @@ compiled) steps, and runs every decoder over them, call after call.
 - `Run.pick` is the one place logits become tokens: the decoding guard (`common.guard`: the mask
   token and special tokens other than EOS at -inf) and then `common.sample`.
 
-Rows that finish early stop emitting events but keep their slot in the batch (EOS-filled), so
-they still cost compute: the batch keeps one shape. At temperature 0 each row's tokens depend
-only on its own prompt (attention never crosses rows; tests/test_engine.py checks a row alone
-against the same row in a batch of 4).
+Rows that finish early leave the batch: their last event, marked finished, carries their whole
+output (a server answers them at once), and the next forward first moves the unfinished rows'
+committed KV into the engine's cache for that many rows (`Run._shrink`) and runs the step on them
+only; the loops keep full-batch tensors (finished rows get zero hidden states and EOS tokens).
+`Engine(compact=False)` keeps the full-batch path (every row computed to the end); the test
+`test_finished_rows_leave_the_batch_with_the_same_tokens` checks both give the same tokens and
+events at temperature 0 for every decoder. At temperature 0 each row's tokens depend only on its
+own prompt (attention never crosses rows; tests/test_engine.py checks a row alone against the
+same row in a batch of 4).
 """
 
 from __future__ import annotations
@@ -54,13 +59,19 @@ SLOT_QUANTUM = 64  # cache slots are allocated in multiples of this
 @dataclass(frozen=True)
 class CommitEvent:
     """What one forward committed (`Engine.generate(on_commit=...)`): for every row listed, its new
-    token ids after EOS and max-token cut (a finished row's last event ends at its EOS)."""
+    token ids after EOS and max-token cut (a finished row's last event ends at its EOS).
+
+    The event says all a server needs to answer a row the moment it finishes, before its
+    batch-mates end: `totals[i]` is row `rows[i]`'s whole output so far (on its finished event,
+    its final `Output.tokens` row), `prefill_ms` the batch's prefill time."""
 
     rows: list[int]  # batch rows that committed tokens in this forward
     tokens: list[list[int]]  # per such row, the newly committed ids
     finished: list[bool]  # per such row: it reached EOS or its max_new_tokens
     forwards: int  # forwards run so far in this call, prefill excluded
     elapsed_ms: float  # since the call started, prefill included
+    totals: list[list[int]]  # per such row, every id committed so far (a copy, EOS included)
+    prefill_ms: float  # wall time of this call's prefill (0.0 on the uncached reference path)
 
 
 class Step:
@@ -124,8 +135,14 @@ class Run:
         self.forwards = 0
         self.committed = 0  # response positions committed so far (the same for every row)
         self.trajectory = None  # the block decoder's record, when asked for
-        self.cache: KVCache | None = None
-        self.next_pos = self.first = None  # set by the prefill
+        self.cache: KVCache | None = None  # the buffers of the rows computed now (`active`)
+        self.next_pos = self.first = None  # set by the prefill; next_pos: [len(active)]
+        # finished rows leave the computed set (`forward`), except when a trajectory is recorded
+        # (the DCD teacher's records stay those of the full-batch path)
+        self.compact = engine.compact and not cfg.record_trajectory
+        self.active = list(range(self.rows))  # batch rows the step computes, in cache-row order
+        self.row_forwards = 0  # sum over forwards of the rows computed (stats: compute spent)
+        self.prefill_ms = 0.0  # set by the prefill
         self.t0 = time.perf_counter()
 
     @property
@@ -133,9 +150,38 @@ class Run:
         return all(self.finished)
 
     def forward(self, ids: torch.Tensor, offset: int, block: int) -> torch.Tensor:
-        """One counted forward of the engine's step for these rows and block size (see `Step`)."""
+        """ids [rows, Q] -> hidden [rows, Q, D]: one counted forward of the engine's step (see
+        `Step`). With compaction, rows that have finished first leave the cache (`_shrink`) and
+        the step runs on the others only; the finished rows' hidden states are zeros (their
+        tokens are EOS whatever the loop picks from them: `commit`)."""
         self.forwards += 1
-        return self.engine.step(self.rows, block)(ids, self.next_pos, offset)
+        if self.compact:
+            keep = [r for r in self.active if not self.finished[r]]
+            if keep and len(keep) < len(self.active):
+                self._shrink(keep)
+        n = len(self.active)
+        self.row_forwards += n
+        if n == self.rows:
+            return self.engine.step(n, block)(ids, self.next_pos, offset)
+        idx = torch.tensor(self.active, device=ids.device)
+        h = self.engine.step(n, block)(ids[idx], self.next_pos, offset)  # [n, Q, D]
+        full = h.new_zeros(self.rows, *h.shape[1:])
+        full[idx] = h
+        return full
+
+    def _shrink(self, keep: list[int]) -> None:
+        """Move the committed KV of the `keep` rows (a subset of `active`, same order) into the
+        engine's cache for len(keep) rows; later forwards attend there. Slots past the committed
+        length are not copied: every forward rewrites the slots it writes before reading them."""
+        sel = torch.tensor([self.active.index(r) for r in keep], device=self.device)
+        src, L = self.cache, self.cache.length
+        dst = self.engine.cache(len(keep), src.capacity)
+        dst.k[:, :, :, :L] = src.k[:, sel, :, :L]
+        dst.v[:, :, :, :L] = src.v[:, sel, :, :L]
+        dst.key_valid.fill_(True)
+        dst.key_valid[:, : src.capacity] = src.key_valid[sel]
+        dst.length = L
+        self.cache, self.next_pos, self.active = dst, self.next_pos[sel], keep
 
     def pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """logits [..., V] -> (tokens [...], confidence [...]): the guard, then `common.sample`."""
@@ -163,7 +209,11 @@ class Run:
         self.done = torch.tensor(self.finished, device=self.device)
         if self.on_commit is not None and event_rows:
             ms = (time.perf_counter() - self.t0) * 1e3
-            self.on_commit(CommitEvent(event_rows, event_tokens, event_fin, self.forwards, ms))
+            totals = [list(self.out[r]) for r in event_rows]
+            event = CommitEvent(
+                event_rows, event_tokens, event_fin, self.forwards, ms, totals, self.prefill_ms
+            )
+            self.on_commit(event)
         return tokens
 
 
@@ -187,6 +237,7 @@ class Engine:
         processor=None,
         meta: dict | None = None,
         mode: str | None = None,
+        compact: bool = True,
     ):
         self.device = torch.device(device)
         self.model = model.to(self.device)  # its train/eval mode is the caller's (from_checkpoint: eval)
@@ -198,6 +249,7 @@ class Engine:
         self.caches: dict[int, KVCache] = {}  # rows -> buffers
         self.steps: dict[tuple[int, int], Step] = {}  # (rows, block) -> step over caches[rows]
         self.allocations = 0  # KV caches allocated so far (tests: reuse means this stays put)
+        self.compact = compact  # finished rows leave the computed batch (Run.forward)
         self._banned: dict = {}
 
     @classmethod
@@ -272,9 +324,15 @@ class Engine:
             if self.device.type == "cuda":  # the prefill's time, for decode-only numbers (bench)
                 torch.cuda.synchronize(self.device)
             prefill_s = time.perf_counter() - run.t0
+            run.prefill_ms = prefill_s * 1e3
             run.cache, run.next_pos, run.first = cache, pre.next_pos, pre.last_logits
         stats = block.decode(run, reference=True) if reference else LOOPS[cfg.decoder](run)
-        stats = {"mode": "reference" if reference else self.mode, "prefill_s": prefill_s, **stats}
+        stats = {
+            "mode": "reference" if reference else self.mode,
+            "prefill_s": prefill_s,
+            "row_forwards": run.row_forwards,  # rows computed, summed over forwards (cached path)
+            **stats,
+        }
         return Output(run.out, run.forwards, run.trajectory, stats)
 
     def text(self, tokens: list[int]) -> str:

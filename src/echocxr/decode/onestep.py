@@ -14,7 +14,8 @@ so the first token of block i is read from the last hidden state of block i-1, w
 vanilla commit forward and the fused forward compute; for block 0 it is the prefill's last logits.
 
 A row stops after the block that holds its first EOS; later blocks of that row are filled with EOS
-(the padding the model was trained on) while other rows continue, so every row keeps one shape.
+(the padding the model was trained on) while other rows continue, so the loop's tensors keep one
+shape; the engine runs the forwards on the unfinished rows only (`engine.Run.forward`).
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ AR): those callbacks become the per-block stream.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -18,14 +17,25 @@ from echocxr.batch import Batch
 
 
 @dataclass
+class RowResult:
+    tokens: list[int]  # generated ids, EOS excluded
+    stopped: bool  # True: the model wrote EOS; False: the row hit its max_tokens
+    forwards: int  # forwards of the batch until this row finished (prefill excluded)
+    prefill_ms: float
+    decode_ms: float  # from the end of the prefill to this row's last commit
+
+
+@dataclass
 class RowEvent:
-    """Newly committed tokens of one batch row (EOS cut off), as they become final."""
+    """Newly committed tokens of one batch row (EOS cut off), as they become final. The row's
+    finished event carries its `result`, so it can be answered before its batch-mates end."""
 
     row: int
     tokens: list[int]
     finished: bool
     forwards: int  # forwards run so far in this batch (prefill excluded)
     elapsed_ms: float  # since the batch's decode call started (prefill included)
+    result: RowResult | None = None  # set on the finished event
 
 
 @dataclass
@@ -58,15 +68,6 @@ def merge_rows(rows: list[Row]) -> Batch:
         grid_thw=cat("grid_thw"),  # [n_images, 3], in row order as collate lists them
         record_ids=[i for r in rows for i in r.batch.record_ids],
     )
-
-
-@dataclass
-class RowResult:
-    tokens: list[int]  # generated ids, EOS excluded
-    stopped: bool  # True: the model wrote EOS; False: the row hit its max_tokens
-    forwards: int  # forwards of the batch this row was decoded in (prefill excluded)
-    prefill_ms: float
-    decode_ms: float
 
 
 class ReportBackend:
@@ -108,10 +109,14 @@ class ReportBackend:
 
     @property
     def trained_on(self) -> str:
-        """What the checkpoint's metadata says its training images were: "real", "phantom" or
-        "unknown" (the `trained_on` key of echocxr.json; absent in checkpoints that predate it)."""
+        """What the checkpoint's metadata says its training images were: "real", "phantom",
+        "mixed" (`train.data.TRAINED_ON`: the `trained_on` key `echocxr train` writes from the
+        images its stages counted) or "unknown" (the key is absent: a checkpoint that predates
+        it, or one whose stages counted no images)."""
+        from echocxr.train.data import TRAINED_ON
+
         value = self.meta.get("trained_on")
-        return value if value in ("real", "phantom") else "unknown"
+        return value if value in TRAINED_ON else "unknown"
 
     def example(self, images, language: str) -> Row:
         """Decoded images of one study -> its model input as a one-row `Batch` (`batch.collate`:
@@ -150,23 +155,26 @@ class ReportBackend:
     ) -> list[RowResult]:
         """Decode `examples` (`Row`s from `example`, with identical prompts) as one batch with `cfg`
         (its max_new_tokens is ignored: each row stops at its own `max_new_tokens[i]`). `on_event`
-        is called from this thread as blocks commit."""
+        is called from this thread as blocks commit; a row's finished event carries its
+        `RowResult` (the same as the returned one), so callers answer it before the batch ends."""
         batch = merge_rows(examples).to(self.device)
         cfg = replace(cfg, max_new_tokens=max(max_new_tokens))
         emit = on_event or (lambda ev: None)
-        t0 = time.perf_counter()
+        results: list[RowResult | None] = [None] * len(examples)
 
         def on_commit(ev) -> None:
-            for row, toks, fin in zip(ev.rows, ev.tokens, ev.finished, strict=True):
+            for row, toks, fin, total in zip(ev.rows, ev.tokens, ev.finished, ev.totals, strict=True):
                 toks = [t for t in toks if t != self.eos]
-                emit(RowEvent(row, toks, bool(fin), ev.forwards, ev.elapsed_ms))
+                result = None
+                if fin:
+                    decode_ms = max(ev.elapsed_ms - ev.prefill_ms, 0.0)
+                    ids = [t for t in total if t != self.eos]
+                    result = RowResult(ids, self.eos in total, ev.forwards, ev.prefill_ms, decode_ms)
+                    results[row] = result
+                emit(RowEvent(row, toks, bool(fin), ev.forwards, ev.elapsed_ms, result))
 
         out = self.engine.generate(batch, cfg, on_commit=on_commit, max_new_tokens_per_row=max_new_tokens)
-        total_ms = (time.perf_counter() - t0) * 1000
-        prefill_ms = float(out.stats.get("prefill_s") or 0.0) * 1000
-        results = []
-        for ids, cap in zip(out.tokens, max_new_tokens, strict=True):
-            stopped = self.eos in ids[:cap]
-            ids = [t for t in ids[:cap] if t != self.eos]
-            results.append(RowResult(ids, stopped, out.forwards, prefill_ms, max(total_ms - prefill_ms, 0.0)))
+        missing = [i for i, r in enumerate(results) if r is None]
+        if missing:  # every row ends at its EOS or its cap, so the engine reported each finish
+            raise RuntimeError(f"rows {missing} ended without a finished event ({out.forwards} forwards)")
         return results

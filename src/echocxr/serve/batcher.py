@@ -149,12 +149,20 @@ class Batcher:
                 self._decode(group)
 
     def _decode(self, group: list[Job]) -> None:
+        """Decode one group; each job gets its `Done` on its row's finished event, so a row that
+        ends early is answered before its batch-mates finish (and the engine stops computing it:
+        `decode.engine.Run.forward`)."""
         started = time.perf_counter()
         self.on_batch(len(group))
+        answered = [False] * len(group)
 
         def on_event(ev: RowEvent) -> None:
+            job = group[ev.row]
             if ev.tokens:
-                group[ev.row].sink(Delta(ev.tokens, ev.forwards, ev.elapsed_ms))
+                job.sink(Delta(ev.tokens, ev.forwards, ev.elapsed_ms))
+            if ev.result is not None and not answered[ev.row]:
+                answered[ev.row] = True
+                job.sink(Done(ev.result, (started - job.enqueued) * 1000, len(group)))
 
         try:
             results = self.backend.decode(
@@ -163,10 +171,12 @@ class Batcher:
                 [j.cfg.max_new_tokens for j in group],
                 on_event,
             )
-        except Exception as e:  # one bad batch must not stop the server; every row hears why
+        except Exception as e:  # one bad batch must not stop the server; every open row hears why
             msg = f"decoding failed: {type(e).__name__}: {e}"
-            for j in group:
-                j.sink(Failed(msg))
+            for j, done in zip(group, answered, strict=True):
+                if not done:
+                    j.sink(Failed(msg))
             return
-        for j, r in zip(group, results, strict=True):
-            j.sink(Done(r, (started - j.enqueued) * 1000, len(group)))
+        for i, (j, r) in enumerate(zip(group, results, strict=True)):
+            if not answered[i]:  # the backend reports every finish; this is a safety net
+                j.sink(Done(r, (started - j.enqueued) * 1000, len(group)))

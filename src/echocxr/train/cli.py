@@ -137,7 +137,7 @@ def run(args) -> int:
     from dataclasses import asdict
 
     from echocxr.model.image_processing import REAL_IMAGE_SIZE, image_tokens
-    from echocxr.train.data import StudyStream
+    from echocxr.train.data import StudyStream, image_provenance
     from echocxr.train.loop import FINAL_DIR, TrainConfig, barrier, init_distributed, train
 
     cfg = TrainConfig(
@@ -234,6 +234,7 @@ def run(args) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
         meta_out = dict(stage.checkpoint_meta)
         meta_out.update(stage=stage.name, train={**asdict(cfg), "final": summary, "init": args.init})
+        meta_out.update(image_provenance(meta or {}, stage.name, summary.get("images")))
         if args.save_dtype == "bfloat16" and weights is None:
             model = model.to(torch.bfloat16)
         model.save_pretrained(tmp, tokenizer, processor, extra=meta_out, state_dict=weights)

@@ -87,6 +87,20 @@ class StudyStream:
         )
         return Example(images, r.language, r.report, r.record_id, {"source": r.source})
 
+    def image_counts(self, positions: int) -> dict[str, int]:
+        """How many of stream positions 0..positions-1 were fed real files and how many phantoms:
+        {"real": n, "phantom": m}, counted per position with the rule `study_images` applies
+        (`image_kind`). A record's kind does not change between epochs, so each full epoch adds
+        the whole corpus's counts and the last, partial one its permutation's first positions."""
+        kinds = [image_kind(r, self.image_source, self.root) for r in self.records]
+        full, rest = divmod(positions, len(self.records))
+        counts = {"real": 0, "phantom": 0}
+        for k in kinds:
+            counts[k] += full
+        for i in self._perm(full)[:rest] if rest else []:
+            counts[kinds[i]] += 1
+        return counts
+
     def batch(self, start: int, size: int) -> Batch:
         return collate(
             [self.example(k) for k in range(start, start + size)],
@@ -96,6 +110,39 @@ class StudyStream:
             max_response=self.max_response,
             multiple_of=self.multiple_of,
         )
+
+
+def image_kind(record, source: str, root: Path | None) -> str:
+    """ "real" or "phantom": what `study_images(record, source=source, root=root)` returns for the
+    frontal view the stream asks for (the same `real_image_paths` test: a real file exists)."""
+    from echocxr.data.images import real_image_paths
+
+    if source == "phantom":
+        return "phantom"
+    return "real" if real_image_paths(record, ("frontal",), root) is not None else "phantom"
+
+
+TRAINED_ON = ("phantom", "real", "mixed")  # the checkpoint metadata's `trained_on` values
+
+
+def image_provenance(inherited: dict, stage: str, counts: dict[str, int] | None) -> dict:
+    """The `trained_on` and `image_counts` keys of a stage's echocxr.json (read by `echocxr serve`).
+
+    inherited: the --init checkpoint's metadata ({} for a preset). counts: this stage's
+    `StudyStream.image_counts` of the positions it trained on, None for a stage that draws its own
+    images and does not count them (DCD: its images are not in `image_counts`). `image_counts`
+    maps each counted stage to its counts, carried forward stage to stage; `trained_on` is
+    "real" / "phantom" when every counted image was of that kind, "mixed" when both occur, and
+    absent when nothing was counted.
+    """
+    per_stage = dict(inherited.get("image_counts") or {})
+    per_stage[stage] = counts
+    real = sum(c["real"] for c in per_stage.values() if c)
+    phantom = sum(c["phantom"] for c in per_stage.values() if c)
+    out: dict = {"image_counts": per_stage}
+    if real or phantom:
+        out["trained_on"] = "mixed" if real and phantom else ("real" if real else "phantom")
+    return out
 
 
 class _MicroBatches(torch.utils.data.Dataset):

@@ -481,6 +481,11 @@ def train(
                 barrier(dist_info)
     if bar is not None:
         bar.close()
+    if stream is not None:  # for the checkpoint metadata's `trained_on` (data.image_provenance)
+        last = {
+            **last,
+            "images": stream.image_counts(cfg.steps * cfg.grad_accum * layout.world * cfg.batch_size),
+        }
     return last
 
 
