@@ -247,3 +247,28 @@ def test_commit_confidences_read_the_block_trajectory(tiny):
         assert [c for _, c in commits] == [c for s in steps for c in s.confidence]
         assert all(0.0 <= c <= 1.0 for _, c in commits)
     assert ev.commit_confidences(None, 0, eos) is None
+
+
+def test_eval_image_blind_controls_keep_the_truth(tiny):
+    pytest.importorskip("echocxr.decode.ar")
+    root, _, _ = tiny
+    own = {r.record_id: ev.phantom_truth(r, 0) for r in ev.load_records(_cfg(root, limit=3))}
+    for source in ev.CONTROL_SOURCES:
+        cfg = _cfg(
+            root, out=f"ev_{source}", limit=3, batch_size=3, image_source=source, metrics=("phantom_f1",)
+        )
+        agg = ev.evaluate(cfg, progress=False)
+        assert agg["image_source"] == source and "phantom_f1_micro" in agg["metrics"]["en"]
+        assert agg["reports"]["en"]["samples"] == 3 and 1 <= agg["reports"]["en"]["distinct"] <= 3
+        samples = [json.loads(x) for x in (root / f"ev_{source}" / ev.SAMPLES).read_text().splitlines()]
+        assert [s["record_id"] for s in samples] == list(own)
+        for s in samples:
+            assert s["image_source"] == source
+            assert s["truth"] == own[s["record_id"]]  # scored against the study's own phantom
+            assert s["image_from"] != s["study_id"] and (s["image_from"] is None) == (source == "blank")
+        assert "--image-source " + source in agg["command"]
+    # The derangement depends on the evaluated set, so a shuffled run keeps its --limit.
+    with pytest.raises(UserError, match="limit"):
+        ev._check_settings(
+            root / "ev_shuffled", _cfg(root, out="ev_shuffled", image_source="shuffled").fingerprint()
+        )

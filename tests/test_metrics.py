@@ -9,9 +9,9 @@ import pytest
 
 from echocxr.errors import UserError
 from echocxr.eval.bootstrap import bootstrap_ci
-from echocxr.eval.metrics import REGISTRY, MetricResult, available, compute, compute_all
+from echocxr.eval.metrics import REGISTRY, MetricResult, available, compute, compute_all, detect_language
 from echocxr.eval.metrics.semscore import minilm_path
-from echocxr.eval.metrics.tokenize import ptb_tokenize, simple_tokenize, zh_char_tokenize
+from echocxr.eval.metrics.tokenize import cjk_share, ptb_tokenize, simple_tokenize, zh_char_tokenize
 
 HAS_JAVA = shutil.which("java") is not None
 needs_java = pytest.mark.skipif(not HAS_JAVA, reason="java not installed (METEOR / PTB tokenizer)")
@@ -171,6 +171,31 @@ def test_chinese_is_scored_on_characters():
     # characters, so P = 1, R = 8/13 and F = 16/21.
     r = compute("rougeL_rouge_score", zh_hyps[:1], zh_refs[:1], language="zh")
     assert r.aggregate["rougeL_rouge_score_zhchar"] == pytest.approx(16 / 21)
+
+
+def test_language_follows_the_references_script():
+    # Issue #14 item 12: Chinese text with the default language used to score 0 (English
+    # tokenizers keep only [a-z0-9]). The default now detects Chinese; a declared language the
+    # text contradicts is an error, never a silent 0.
+    zh_refs = ["心影不大，双肺清晰，无胸腔积液。", "右下肺实变，考虑肺炎。"]
+    zh_hyps = ["心影不大，双肺清晰。", "右下肺实变。"]
+    for name in ("rougeL_rouge_score", "bleu_sacrebleu", "rougeL_coco", "bleu_coco"):
+        default = compute(name, zh_hyps, zh_refs)
+        assert default.aggregate == compute(name, zh_hyps, zh_refs, language="zh").aggregate, name
+        assert all(k.endswith("_zhchar") and v > 0 for k, v in default.aggregate.items()), name
+        with pytest.raises(UserError, match="language='en'.*CJK.*'zh'"):
+            compute(name, zh_hyps, zh_refs, language="en")
+    # Declared zh on Latin text scores Latin words whole (not silently 0), so it is allowed.
+    assert compute("rougeL_rouge_score", REFS[:2], REFS[:2], language="zh").aggregate == {
+        "rougeL_rouge_score_zhchar": pytest.approx(1.0)
+    }
+    assert compute_all(["rougeL_rouge_score"], zh_hyps, zh_refs, bootstrap=0)["rougeL_rouge_score_zhchar"]
+    # A Chinese report with a few Latin tokens is still Chinese; text without letters defaults to en.
+    assert detect_language(["右下肺野见2.5cm结节，T4椎体压缩。"]) == "zh"
+    assert detect_language(["12 3.5", ""]) == "en" and detect_language(REFS) == "en"
+    assert cjk_share(["ab心"]) == pytest.approx(1 / 3) and cjk_share(["", "1."]) is None
+    with pytest.raises(UserError, match="unknown language"):
+        detect_language(REFS, "fr")
 
 
 # --- bootstrap -----------------------------------------------------------------------------

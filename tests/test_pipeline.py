@@ -111,6 +111,51 @@ def test_plan_covers_every_decoder_and_the_ablation(tmp_path):
     assert "--decoder onestep" in onestep.command and "--no-fuse" in onestep.command
     no_abl = pl.plan(pl.get_pipeline_preset("tiny", ablation=False), opt)
     assert not any("orig" in s.name for s in no_abl)
+    # Image-blind controls: AR, each RAD teacher at its best K, each fused DCD model.
+    by_label = {s.info.get("label"): s for s in steps if s.name.startswith("eval/")}
+    for label in (
+        "ar",
+        "dcd_b4 onestep fused",
+        "dcd_b8 onestep fused",
+        "rad_b4 block best K",
+        "rad_b8 block best K",
+    ):
+        for src in ("blank", "shuffled"):
+            control = by_label[f"{label} [{src}]"]
+            assert control.info["group"] == "control" and f"--image-source {src}" in control.command
+    best = by_label["rad_b8 block best K [blank]"]
+    assert {f"eval/rad_b8_block_k_{k}" for k in (1, 2, 4, 8)} <= set(best.deps)
+    assert not any("[" in (s.info.get("label") or "") for s in steps if "orig" in s.name)
+    # Every real-phantom eval scores grounding, whatever the preset lists.
+    for s in steps:
+        if s.name.startswith("eval/"):
+            assert "phantom_grounding" in s.command, s.name
+    assert {s.info.get("label") for s in steps if s.info.get("per_finding")} == {"ar", "dcd_b8 onestep fused"}
+
+
+def test_best_k_reads_the_finished_evals(tmp_path):
+    def write(K, at10, at5):
+        folder = tmp_path / f"k{K}"
+        folder.mkdir()
+        metrics = {"phantom_abn_macro_f1@10": {"value": at10}, "phantom_abn_macro_f1@5": {"value": at5}}
+        (folder / "aggregate.json").write_text(json.dumps({"metrics": {"en": metrics}}))
+        return folder
+
+    folders = {1: write(1, 0.2, 0.3), 2: write(2, 0.4, 0.1), 4: write(4, 0.4, 0.2), 8: write(8, 0.1, 0.9)}
+    assert pl.best_k(folders) == 4  # tied at @10, the >= 5 variant decides
+    assert pl.best_k({2: folders[2], 4: write(16, 0.4, 0.2), 8: folders[8]}) == 4
+    same = {K: write(K, 0.0, 0.0) for K in (3, 5)}
+    assert pl.best_k(same) == 3  # a full tie goes to fewer steps
+    with pytest.raises(UserError, match="K=7"):
+        pl.best_k({**folders, 7: tmp_path / "missing"})
+    # A resumed control whose best K changed starts over; its old samples are kept aside.
+    control = tmp_path / "control"
+    control.mkdir()
+    (control / "settings.json").write_text(json.dumps({"steps": 2}))
+    pl._set_aside_other_settings(control, {"steps": 2})
+    assert control.is_dir()
+    pl._set_aside_other_settings(control, {"steps": 4})
+    assert not control.exists() and len(list(tmp_path.glob("control.stale-*"))) == 1
 
 
 def test_real_image_studies_group_views(iu_images):
@@ -138,9 +183,57 @@ def test_results_page_from_finished_steps(tmp_path):
     opt = pl.RunOptions(out=tmp_path, iu=tmp_path, images=None)
     page = pl.write_results(pl.get_pipeline_preset("tiny"), opt, [step], tmp_path / "RESULTS.md", 60.0)
     text = page.read_text()
-    assert "| ar | 4 | 120.0 | 1.000 | 30.0 | 0.250 [0.200, 0.300] |" in text
+    assert "| ar | 4 | n/a | 120.0 | 1.000 | 30.0 | 0.250 [0.200, 0.300] |" in text
     assert "`echocxr eval --decoder ar`" in text and "phantom" in text
     assert (tmp_path / "figures" / "pareto_tokens_per_s.png").is_file()
+
+
+def _agg(source: str, at10: float, distinct: int, ckpt: str = "runs/ar") -> dict:
+    metrics = {
+        "phantom_abn_macro_f1@10": {"value": at10, "ci95": [at10 - 0.1, at10 + 0.1]},
+        "phantom_abn_macro_f1@5": {"value": at10 / 2, "ci95": None},
+        "phantom_abn_findings@10": {"value": 2.0, "ci95": None},
+        "phantom_abn_findings@5": {"value": 3.0, "ci95": None},
+        "phantom_abn_f1/cardiomegaly": {"value": 0.75, "ci95": [0.5, 1.0]},
+        "phantom_abn_positives/cardiomegaly": {"value": 12.0, "ci95": None},
+        "phantom_f1_micro": {"value": 0.5, "ci95": [0.4, 0.6]},
+    }
+    return {
+        "speed": {"samples": 64, "tokens_per_s": 100.0, "forwards_per_token": 1.0, "mean_tokens": 30.0},
+        "reports": {"en": {"samples": 64, "distinct": distinct, "top_share": 0.5}},
+        "image_source": source,
+        "settings": {"ckpt": ckpt, "decoder": "ar", "image_source": source, "seed": 0},
+        "metrics": {"en": metrics},
+        "machine": "test cpu",
+        "date": "2026-01-01",
+    }
+
+
+def test_results_page_leads_with_grounding_and_its_controls(tmp_path):
+    steps = []
+    for name, agg, info in (
+        ("ar", _agg("phantom", 0.6, 20), {"label": "ar", "group": "main", "per_finding": True}),
+        ("ar_blank", _agg("blank", 0.1, 1), {"label": "ar [blank]", "group": "control"}),
+        ("ar_shuffled", _agg("shuffled", 0.25, 18), {"label": "ar [shuffled]", "group": "control"}),
+        # another checkpoint's control must not be read as AR's
+        ("x_blank", _agg("blank", 0.59, 1, ckpt="runs/x"), {"label": "x [blank]", "group": "control"}),
+        ("dcd", _agg("phantom", 0.3, 5, ckpt="runs/dcd"), {"label": "dcd fused", "group": "main"}),
+    ):
+        folder = tmp_path / "eval" / name
+        folder.mkdir(parents=True)
+        (folder / "aggregate.json").write_text(json.dumps(agg))
+        steps.append(pl.Step(f"eval/{name}", folder, f"echocxr eval {name}", lambda r: None, (), info))
+    opt = pl.RunOptions(out=tmp_path, iu=tmp_path, images=None)
+    text = pl.write_results(
+        pl.get_pipeline_preset("tiny"), opt, steps, tmp_path / "RESULTS.md", None
+    ).read_text()
+    assert text.index("## Grounding") < text.index("## Every decoder")
+    assert "| ar | 64 | 20 | 0.600 [0.500, 0.700] | 0.100 | 0.250 | +0.500 | +0.350 | 0.300 | 2 / 3 |" in text
+    assert "| dcd fused | 64 | 5 | 0.300 [0.200, 0.400] | n/a | n/a | n/a | n/a | 0.150 | 2 / 3 |" in text
+    assert "gap to the image-blind controls is what shows the model reads its image" in text
+    assert "`phantom_f1_micro` (in the tables below) counts `no_finding`" in text
+    assert "| cardiomegaly | 12 | 0.750 |" in text  # per-finding F1 of the marked eval
+    assert "| ar [blank] |" not in text.split("## Every decoder")[1]  # controls only beside their eval
 
 
 def test_demo_needs_the_archive(tmp_path):
@@ -189,6 +282,20 @@ def test_micro_pipeline_end_to_end(tmp_path, iu_archive, iu_images):
     for label in ("| ar |", "rad_b8 block K=8", "dcd_b4 onestep fused", "zh dcd_b8", "original text: dcd_b4"):
         assert label in page
     assert "## Reports for the four real IU radiographs" in page
+    # The grounding table leads, with both controls found beside AR and the fused DCD models.
+    grounding = page[page.index("## Grounding") : page.index("## Every decoder")]
+    rows = {line.split("|")[1].strip(): line for line in grounding.splitlines() if line.startswith("| ")}
+
+    def has_controls(label: str) -> bool:
+        cells = [c.strip() for c in rows[label].strip("|").split("|")]
+        return "n/a" not in cells[4:8]  # blank, shuffled and both gaps
+
+    assert all(has_controls(x) for x in ("ar", "dcd_b4 onestep fused", "dcd_b8 onestep fused"))
+    assert sum(has_controls(f"rad_b8 block K={k}") for k in (1, 2, 4, 8)) == 1  # the best K only
+    best = json.loads(
+        (tmp_path / "run" / "eval" / "rad_b8_block_best_k_shuffled" / "aggregate.json").read_text()
+    )
+    assert best["image_source"] == "shuffled" and best["decode"]["steps"] in (1, 2, 4, 8)
     meta = json.loads((tmp_path / "run" / "dcd_b8" / "final" / "echocxr.json").read_text())
     assert meta["stage"] == "dcd" and meta["block_size"] == 8
     steps = pl.plan(cfg, opt)

@@ -32,6 +32,12 @@ from pathlib import Path
 from echocxr.errors import UserError
 
 DONE = ".echocxr-done.json"
+# Grounding (issue #13): what every eval adds to the preset's metrics (and all that the
+# image-blind controls score), and the headline number of the grounding table (docs/METRICS.md).
+GROUNDING_METRICS: tuple[str, ...] = ("phantom_f1", "phantom_grounding")
+GROUNDING_MIN_POSITIVES = 10  # issue #13's targets read the >= 10 macro-F1
+GROUNDING_HEADLINE = f"phantom_abn_macro_f1@{GROUNDING_MIN_POSITIVES}"
+GROUNDING_RANK: tuple[str, ...] = (GROUNDING_HEADLINE, "phantom_abn_macro_f1@5")
 DEFAULT_IU = "../shared/data/iu/NLMCXR_reports.tgz"
 DEFAULT_IMAGES = "../shared/data/iu/images"
 
@@ -346,21 +352,29 @@ def plan(cfg: PipelineConfig, opt: RunOptions) -> list[Step]:
     eval_en = out / "data" / "eval_en.jsonl"
     eval_zh = out / "data" / "eval_zh.jsonl"
 
-    def evaluation(label, model_key, corpus=eval_en, limit=cfg.eval_limit, group="main", **dec):
-        from echocxr.eval.evaluate import EvalConfig, cli_args, evaluate
+    from echocxr.eval.evaluate import CONTROL_SOURCES, EvalConfig, cli_args, evaluate
 
-        folder = out / "eval" / re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
-        ecfg = EvalConfig(
+    # Every eval scores grounding (the results page leads with it); the controls score only
+    # the phantom-truth metrics, which keeps their cost to decoding.
+    main_metrics = tuple(dict.fromkeys((*cfg.metrics, *GROUNDING_METRICS)))
+
+    def eval_config(model_key, folder, corpus=eval_en, limit=cfg.eval_limit, metrics=main_metrics, **dec):
+        return EvalConfig(
             ckpt=str(checkpoint_dir(trained[model_key])),
             corpus=str(corpus),
             out=str(folder),
             batch_size=cfg.eval_batch_size,
             limit=limit,
-            metrics=cfg.metrics,
+            metrics=metrics,
             device=opt.device,
             seed=opt.seed,
             **dec,
         )
+
+    def evaluation(label, model_key, corpus=eval_en, limit=cfg.eval_limit, group="main", info=None, **dec):
+        folder = out / "eval" / re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
+        metrics = GROUNDING_METRICS if dec.get("image_source") in CONTROL_SOURCES else main_metrics
+        ecfg = eval_config(model_key, folder, corpus, limit, metrics, **dec)
         deps = [f"train/{model_key}", "data/norm"]
         steps.append(
             Step(
@@ -374,18 +388,68 @@ def plan(cfg: PipelineConfig, opt: RunOptions) -> list[Step]:
                     "model": model_key,
                     "group": group,
                     "language": "zh" if corpus == eval_zh else "en",
+                    **(info or {}),
                 },
             )
         )
 
-    evaluation("ar", "ar", decoder="ar")
+    def controls(label, model_key, **dec):
+        """The image-blind controls of one real-phantom eval (same checkpoint and decoder)."""
+        for src in CONTROL_SOURCES:
+            evaluation(f"{label} [{src}]", model_key, group="control", image_source=src, **dec)
+
+    def best_k_controls(B: int, ks: list[int]) -> None:
+        """Controls of the RAD teacher at its best K, chosen when its K evals are done."""
+        model_key = f"rad_b{B}"
+        k_folders = {K: out / "eval" / f"rad_b{B}_block_k_{K}" for K in ks}
+        for src in CONTROL_SOURCES:
+            folder = out / "eval" / f"rad_b{B}_block_best_k_{src}"
+            template = eval_config(
+                model_key,
+                folder,
+                metrics=GROUNDING_METRICS,
+                decoder="block",
+                block_size=B,
+                image_source=src,
+            )
+
+            def action(resume: bool, template=template, folder=folder) -> None:
+                K = best_k(k_folders)
+                ecfg = replace(template, steps=K)
+                _set_aside_other_settings(folder, ecfg.fingerprint())
+                evaluate(ecfg, progress=True)
+
+            argv = cli_args(template) + ["--steps", f"<best of {ks}>"]
+            steps.append(
+                Step(
+                    f"eval/{folder.name}",
+                    folder,
+                    f"(in-process, K = echocxr.pipeline.best_k by {GROUNDING_HEADLINE}) echocxr eval "
+                    + " ".join(argv),
+                    action,
+                    (f"train/{model_key}", "data/norm", *(f"eval/{f.name}" for f in k_folders.values())),
+                    {"label": f"rad_b{B} block best K [{src}]", "model": model_key, "group": "control"},
+                )
+            )
+
+    B_main = max(cfg.block_sizes)
+    evaluation("ar", "ar", decoder="ar", info={"per_finding": True})
+    controls("ar", "ar", decoder="ar")
     for B in cfg.block_sizes:
-        for K in sorted({k for k in (1, 2, 4, B) if k <= B}):
+        ks = sorted({k for k in (1, 2, 4, B) if k <= B})
+        for K in ks:
             evaluation(f"rad_b{B} block K={K}", f"rad_b{B}", decoder="block", block_size=B, steps=K)
+        best_k_controls(B, ks)
         evaluation(f"rad_b{B} onestep (undistilled)", f"rad_b{B}", decoder="onestep", block_size=B)
         evaluation(f"dcd_b{B} onestep vanilla", f"dcd_b{B}", decoder="onestep", block_size=B, fused=False)
-        evaluation(f"dcd_b{B} onestep fused", f"dcd_b{B}", decoder="onestep", block_size=B)
-    B_main = max(cfg.block_sizes)
+        evaluation(
+            f"dcd_b{B} onestep fused",
+            f"dcd_b{B}",
+            decoder="onestep",
+            block_size=B,
+            info={"per_finding": B == B_main},
+        )
+        controls(f"dcd_b{B} onestep fused", f"dcd_b{B}", decoder="onestep", block_size=B)
     if cfg.eval_zh_limit:
         evaluation("zh ar", "ar", corpus=eval_zh, limit=cfg.eval_zh_limit, group="zh", decoder="ar")
         evaluation(
@@ -487,6 +551,33 @@ def plan(cfg: PipelineConfig, opt: RunOptions) -> list[Step]:
 
 # ----------------------------------------------------------------------------------------------
 # In-process analysis steps
+
+
+def best_k(k_folders: dict[int, Path]) -> int:
+    """The step count whose finished eval scored best on grounding (`GROUNDING_HEADLINE`, then
+    the >= 5 variant; ties go to fewer steps, the cheaper decoder). Raises UserError when an
+    eval is missing."""
+    scores = []
+    for K, folder in sorted(k_folders.items()):
+        path = folder / "aggregate.json"
+        if not path.is_file():
+            raise UserError(f"{path}: the K={K} eval has not finished; rerun the pipeline")
+        m = next(iter(json.loads(path.read_text())["metrics"].values()), {})
+        scores.append((*(m.get(k, {}).get("value", float("-inf")) for k in GROUNDING_RANK), -K))
+    return -max(scores)[-1]
+
+
+def _set_aside_other_settings(folder: Path, fingerprint: dict) -> None:
+    """A resumed control whose best K changed: keep its old samples aside, start over."""
+    settings = folder / "settings.json"
+    if not settings.is_file():
+        return
+    try:
+        same = json.loads(settings.read_text()) == fingerprint
+    except json.JSONDecodeError:
+        same = False
+    if not same:
+        folder.rename(folder.with_name(f"{folder.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}"))
 
 
 def eos_confidence_step(cfg: PipelineConfig, trained: dict, eval_file: Path, folder: Path, opt: RunOptions):
@@ -669,8 +760,10 @@ def write_results(
                         keys.append(k)
         keys = [k for k in keys if k.split("_zh")[0] in _SHOWN] or keys[:6]
         out += [
-            "| decoder | n | tokens/s | forwards/token | tokens/report | " + " | ".join(keys) + " |",
-            "| --- " * (5 + len(keys)) + "|",
+            "| decoder | n | distinct reports | tokens/s | forwards/token | tokens/report | "
+            + " | ".join(keys)
+            + " |",
+            "| --- " * (6 + len(keys)) + "|",
         ]
         for e in rows:
             a = e["aggregate"]
@@ -686,7 +779,7 @@ def write_results(
                     else "n/a"
                 )
             out.append(
-                f"| {e['label']} | {sp.get('samples')} | {_fmt(sp.get('tokens_per_s'), 1)} | "
+                f"| {e['label']} | {sp.get('samples')} | {_distinct(a)} | {_fmt(sp.get('tokens_per_s'), 1)} | "
                 f"{_fmt(sp.get('forwards_per_token'))} | {_fmt(sp.get('mean_tokens'), 1)} | "
                 + " | ".join(cells)
                 + " |"
@@ -705,6 +798,7 @@ def write_results(
     groups: dict[str, list] = {}
     for e in data["evals"]:
         groups.setdefault(e["group"], []).append(e)
+    lines += grounding_section(groups.get("main", []), groups.get("control", []))
     lines += table(groups.get("main", []), "Every decoder on the held-out phantom studies (English)")
 
     points = [
@@ -823,6 +917,99 @@ def write_results(
     return path
 
 
+def _distinct(aggregate: dict) -> str:
+    r = next(iter(aggregate.get("reports", {}).values()), None)
+    return "n/a" if r is None else str(r["distinct"])
+
+
+def _control_key(aggregate: dict) -> str | None:
+    """What a control shares with its real-phantom eval: checkpoint (and its weights), decoder,
+    corpus, seed. None for an aggregate without settings (it matches nothing)."""
+    settings = aggregate.get("settings")
+    if not settings:
+        return None
+    return json.dumps(
+        {k: v for k, v in settings.items() if k not in ("image_source", "limit")}, sort_keys=True
+    )
+
+
+def _gap(real, control) -> str:
+    return f"{real - control:+.3f}" if real is not None and control is not None else "n/a"
+
+
+def _value(aggregate: dict, key: str):
+    return next(iter(aggregate["metrics"].values()), {}).get(key, {}).get("value")
+
+
+def grounding_section(main: list[dict], controls: list[dict]) -> list[str]:
+    """The results page's first table: abnormal-finding macro-F1 per decoder on its own phantoms
+    beside the same checkpoint and decoder on blank and shuffled images, and the distinct reports;
+    then per-finding F1 for the evals marked `per_finding` (AR and the final one-step model)."""
+    H = GROUNDING_HEADLINE
+    by_key: dict[str, dict[str, dict]] = {}
+    for c in controls:
+        a = c["aggregate"]
+        if _control_key(a) is not None:
+            by_key.setdefault(_control_key(a), {})[a.get("image_source", "")] = a
+    out = [
+        "## Grounding: does the model read its image?",
+        "",
+        f"`{H}`: F1 of the project's labeler reading each generated report against the findings its "
+        "phantom was drawn with, averaged over the abnormal findings (`no_finding` left out) that have "
+        f"at least {GROUNDING_MIN_POSITIVES} positives among the evaluated studies; a labeler's *uncertain* counts as absent. "
+        "**A gap to the image-blind controls is what shows the model reads its image**: *blank* feeds "
+        "a constant mid-grey image, *shuffled* the phantoms of another study of the same set, while "
+        "the truth stays the study's own. `phantom_f1_micro` (in the tables below) counts `no_finding` "
+        "hits, so a constant normal report scores well on it; it is not a grounding number.",
+        "",
+        f"| decoder | n | distinct reports | {H} | blank | shuffled | gap to blank | gap to shuffled "
+        f"| phantom_abn_macro_f1@5 | findings >= {GROUNDING_MIN_POSITIVES} / >= 5 |",
+        "| --- " * 10 + "|",
+    ]
+    for e in main:
+        a = e["aggregate"]
+        real = _value(a, H)
+        ctl = by_key.get(_control_key(a) or "", {})
+        blank, shuffled = (_value(ctl[s], H) if s in ctl else None for s in ("blank", "shuffled"))
+        ci = next(iter(a["metrics"].values()), {}).get(H, {}).get("ci95")
+
+        n10, n5 = (_value(a, f"phantom_abn_findings@{m}") for m in (GROUNDING_MIN_POSITIVES, 5))
+        out.append(
+            f"| {e['label']} | {a['speed'].get('samples')} | {_distinct(a)} | {_fmt(real)}"
+            + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
+            + f" | {_fmt(blank)} | {_fmt(shuffled)} | {_gap(real, blank)} | {_gap(real, shuffled)} | "
+            f"{_fmt(_value(a, 'phantom_abn_macro_f1@5'))} | "
+            + (f"{n10:.0f} / {n5:.0f}" if n10 is not None and n5 is not None else "n/a")
+            + " |"
+        )
+    out += [
+        "",
+        "Controls run for AR, each RAD teacher at its best K (by "
+        f"`{H}`, then the >= 5 variant; ties to fewer steps) and each fused DCD model; "
+        "other rows show n/a. Values with 95% bootstrap intervals over studies.",
+        "",
+    ]
+    marked = [e for e in main if e.get("per_finding")]
+    findings: list[str] = []
+    for e in marked:
+        for k in next(iter(e["aggregate"]["metrics"].values()), {}):
+            if k.startswith("phantom_abn_f1/") and k.split("/", 1)[1] not in findings:
+                findings.append(k.split("/", 1)[1])
+    if marked and findings:
+        out += [
+            "Per-finding F1 against the phantom truth (positives = evaluated studies drawn with it):",
+            "",
+            "| finding | positives | " + " | ".join(e["label"] for e in marked) + " |",
+            "| --- " * (2 + len(marked)) + "|",
+        ]
+        for f in findings:
+            pos = next((_value(e["aggregate"], f"phantom_abn_positives/{f}") for e in marked), None)
+            cells = [_fmt(_value(e["aggregate"], f"phantom_abn_f1/{f}")) for e in marked]
+            out.append(f"| {f} | {_fmt(pos, 0)} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
+
+
 _SHOWN = (
     "bleu4_coco",
     "meteor_coco",
@@ -914,14 +1101,18 @@ def run_pipeline(cfg: PipelineConfig, opt: RunOptions, *, dry_run: bool = False)
 
 def print_summary(steps: list[Step]) -> None:
     data = collect(steps)
-    print(f"{'decoder':44s} {'n':>4s} {'tok/s':>8s} {'fwd/tok':>8s} {'ROUGE-L':>8s} {'phantomF1':>9s}")
+    print(
+        f"{'decoder':44s} {'n':>4s} {'tok/s':>8s} {'fwd/tok':>8s} {'ROUGE-L':>8s} {'phantomF1':>9s} "
+        f"{'abnF1@10':>9s} {'distinct':>8s}"
+    )
     for e in data["evals"]:
         a = e["aggregate"]
         m = next(iter(a["metrics"].values()), {})
         print(
             f"{e['label'][:44]:44s} {a['speed'].get('samples', 0):4d} {_fmt(a['speed'].get('tokens_per_s'), 1):>8s} "
             f"{_fmt(a['speed'].get('forwards_per_token')):>8s} {_fmt(m.get('rougeL_coco', {}).get('value')):>8s} "
-            f"{_fmt(m.get('phantom_f1_micro', {}).get('value')):>9s}"
+            f"{_fmt(m.get('phantom_f1_micro', {}).get('value')):>9s} "
+            f"{_fmt(m.get(GROUNDING_HEADLINE, {}).get('value')):>9s} {_distinct(a):>8s}"
         )
 
 

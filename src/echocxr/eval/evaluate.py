@@ -10,7 +10,14 @@ Outputs in --out:
 - `samples.jsonl`: one line per study: record id, language, hypothesis, reference, image source,
   phantom truth (the findings the phantom was rendered with), decode stats, per-sample metrics.
 - `aggregate.json` / `aggregate.md`: every metric with its 95% bootstrap interval (per language),
-  skipped metrics with the reason, and the decode speed measured during this eval.
+  skipped metrics with the reason, the number of distinct reports, and the decode speed measured
+  during this eval.
+
+Image-blind controls (`--image-source blank|shuffled`, issue #13): the same checkpoint reads a
+constant mid-grey image (`BLANK_LEVEL`, same size, views and preprocessing as a phantom), or the
+phantoms of another study of the same eval set (a seeded derangement, `shuffled_donors`), while
+the truth and the reference stay the study's own. A model that reads its image scores clearly
+higher on its own phantoms than on either control.
 
 Speed is measured around `generate` only (prefill + decoding, not image rendering or metrics):
 tokens/s counts generated tokens up to and including each row's first EOS; forwards per token is
@@ -38,6 +45,10 @@ AGGREGATE_JSON = "aggregate.json"
 AGGREGATE_MD = "aggregate.md"
 
 # Cheap enough for every eval on CPU; the registry's other metrics need local model folders.
+IMAGE_SOURCES: tuple[str, ...] = ("phantom", "real", "auto", "blank", "shuffled")
+CONTROL_SOURCES: tuple[str, ...] = ("blank", "shuffled")  # image-blind controls; truth = own phantom
+BLANK_LEVEL = 128  # the blank control's grey value (uint8): mid-grey, neither film black nor bone white
+
 DEFAULT_METRICS: tuple[str, ...] = (
     "bleu_coco",
     "meteor_coco",
@@ -47,6 +58,7 @@ DEFAULT_METRICS: tuple[str, ...] = (
     "semscore_minilm",
     "label_f1",
     "phantom_f1",
+    "phantom_grounding",
 )
 
 
@@ -79,8 +91,10 @@ class EvalConfig:
             raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.limit is not None and self.limit < 1:
             raise UserError(f"--limit must be >= 1, got {self.limit}")
-        if self.image_source not in ("phantom", "real", "auto"):
-            raise UserError(f"--image-source must be phantom, real or auto, not {self.image_source!r}")
+        if self.image_source not in IMAGE_SOURCES:
+            raise UserError(
+                f"--image-source must be one of {', '.join(IMAGE_SOURCES)}, not {self.image_source!r}"
+            )
 
     def fingerprint(self) -> dict:
         """The settings that decide the decoded text: a rerun resumes only when they match."""
@@ -90,6 +104,8 @@ class EvalConfig:
         d["ckpt"] = str(Path(self.ckpt).resolve())
         d["corpus"] = str(Path(self.corpus).resolve())
         d["ckpt_weights"] = _weights_digest(Path(self.ckpt))
+        if self.image_source == "shuffled":
+            d["limit"] = self.limit  # the derangement runs over the evaluated studies
         return d
 
 
@@ -205,6 +221,54 @@ def record_images(record, *, size: int, seed: int, source: str, views, root: Pat
     return study_images(record, size=size, seed=seed, source=source, views=views, root=root), source
 
 
+def shuffled_donors(records, seed: int) -> dict:
+    """record_id -> the record whose phantoms this study is shown in the shuffled control.
+
+    A seeded derangement over studies: the studies in a random order, each taking the images of
+    the next (one cycle, so no study keeps its own; the records of one study, e.g. its EN and ZH
+    copies, share a donor). Deterministic for (the study ids, seed). Raises UserError with
+    fewer than two studies.
+    """
+    import numpy as np
+
+    studies = list(dict.fromkeys(r.study_id for r in records))
+    if len(studies) < 2:
+        raise UserError(f"--image-source shuffled needs at least 2 studies, got {len(studies)}")
+    order = [studies[i] for i in np.random.default_rng(seed).permutation(len(studies))]
+    donor_of = {order[j]: order[(j + 1) % len(order)] for j in range(len(order))}
+    first: dict = {}
+    for r in records:
+        first.setdefault(r.study_id, r)
+    return {r.record_id: first[donor_of[r.study_id]] for r in records}
+
+
+def blank_images(n_views: int, size: int):
+    """`n_views` constant `BLANK_LEVEL` grayscale images of size x size (the blank control)."""
+    from PIL import Image
+
+    return [Image.new("L", (size, size), BLANK_LEVEL) for _ in range(n_views)]
+
+
+def eval_images(record, *, size: int, seed: int, source: str, views, root: Path, donor=None):
+    """(images, source used, study the images come from) for one study under `source`.
+
+    phantom / real / auto: `record_images`. blank: `blank_images` at the phantom's size.
+    shuffled: the phantoms of `donor` (from `shuffled_donors`; required). The truth scored
+    against is always the study's own (`phantom_truth(record)`), whatever the images show.
+    """
+    from echocxr.data.phantom import MAX_SIZE, MIN_SIZE
+
+    if source == "blank":
+        return blank_images(len(views), min(max(size, MIN_SIZE), MAX_SIZE)), source, None
+    if source == "shuffled":
+        if donor is None:
+            raise ValueError("the shuffled control needs the donor study (shuffled_donors)")
+        imgs, _ = record_images(donor, size=size, seed=seed, source="phantom", views=views, root=root)
+        return imgs, source, donor.study_id
+    imgs, used = record_images(record, size=size, seed=seed, source=source, views=views, root=root)
+    return imgs, used, record.study_id
+
+
 # ----------------------------------------------------------------------------------------------
 # Decoding
 
@@ -290,19 +354,28 @@ def commit_confidences(trajectory, row: int, eos: int) -> list[tuple[bool, float
     return out
 
 
-def decode_batch(records, loaded: Loaded, cfg: EvalConfig, dcfg, root: Path) -> list[dict]:
+def decode_batch(records, loaded: Loaded, cfg: EvalConfig, dcfg, root: Path, donors=None) -> list[dict]:
+    """Decode one batch of studies; one sample row per record. `donors`: `shuffled_donors`
+    output (only for --image-source shuffled)."""
     import torch
 
     from echocxr.batch import Example, collate
     from echocxr.decode.api import generate
 
-    examples, sources = [], []
+    examples, sources, image_from = [], [], []
     for r in records:
-        imgs, src = record_images(
-            r, size=loaded.image_size, seed=cfg.seed, source=cfg.image_source, views=loaded.views, root=root
+        imgs, src, origin = eval_images(
+            r,
+            size=loaded.image_size,
+            seed=cfg.seed,
+            source=cfg.image_source,
+            views=loaded.views,
+            root=root,
+            donor=(donors or {}).get(r.record_id),
         )
         examples.append(Example(imgs, r.language, None, r.record_id))
         sources.append(src)
+        image_from.append(origin)
     batch = collate(examples, loaded.tokenizer, loaded.processor, loaded.tokens_per_image).to(cfg.device)
     if cfg.device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -325,7 +398,9 @@ def decode_batch(records, loaded: Loaded, cfg: EvalConfig, dcfg, root: Path) -> 
             "hypothesis": hyp,
             "reference": r.report,
             "image_source": sources[b],
-            "truth": phantom_truth(r, cfg.seed) if sources[b] == "phantom" else None,
+            "image_from": image_from[b],
+            # Controls keep the study's own truth: a report matching it without the image is a guess.
+            "truth": phantom_truth(r, cfg.seed) if sources[b] != "real" else None,
             "decode": {
                 "tokens": len(toks),
                 "ended": bool(toks) and toks[-1] == eos,
@@ -359,6 +434,25 @@ def speed_summary(samples: list[dict]) -> dict:
         "mean_tokens": tokens / len(samples),
         "ended_share": sum(bool(s["decode"]["ended"]) for s in samples) / len(samples),
     }
+
+
+def report_summary(samples: list[dict]) -> dict[str, dict]:
+    """Per language: studies, distinct generated reports (exact text after decoding), and the
+    share of studies given the most common report. A model that ignores its image writes few."""
+    from collections import Counter
+
+    by_lang: dict[str, list[str]] = {}
+    for s in samples:
+        by_lang.setdefault(s["language"], []).append(s["hypothesis"])
+    out = {}
+    for lang, hyps in sorted(by_lang.items()):
+        counts = Counter(hyps)
+        out[lang] = {
+            "samples": len(hyps),
+            "distinct": len(counts),
+            "top_share": counts.most_common(1)[0][1] / len(hyps),
+        }
+    return out
 
 
 def eos_confidence(model, batch, block: int) -> dict[str, list[float]]:
@@ -465,8 +559,17 @@ def markdown_table(aggregate: dict) -> str:
         f"- machine: {aggregate['machine']}, {aggregate['date']}",
         "",
     ]
+    reports = aggregate.get("reports", {})
     for lang, table in aggregate["metrics"].items():
-        lines += [f"## {lang}", "", "| metric | value | 95% CI |", "| --- | --- | --- |"]
+        lines += [f"## {lang}", ""]
+        if lang in reports:
+            r = reports[lang]
+            lines += [
+                f"- distinct reports: {r['distinct']} of {r['samples']} "
+                f"(the most common one for {100 * r['top_share']:.0f}% of studies)",
+                "",
+            ]
+        lines += ["| metric | value | 95% CI |", "| --- | --- | --- |"]
         for key, e in table.items():
             if "skipped" in e:
                 continue
@@ -526,6 +629,7 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
     loaded = load_checkpoint(cfg)
     dcfg = decode_config(cfg, loaded)
     root = Path(cfg.corpus).resolve().parent
+    donors = shuffled_donors(records, cfg.seed) if cfg.image_source == "shuffled" else None
     if todo:
         # Append mode: each finished batch is on disk before the next starts (resumable).
         with (
@@ -540,7 +644,7 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
         ):
             for i in range(0, len(todo), cfg.batch_size):
                 chunk = todo[i : i + cfg.batch_size]
-                for row in decode_batch(chunk, loaded, cfg, dcfg, root):
+                for row in decode_batch(chunk, loaded, cfg, dcfg, root, donors):
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
                     done[row["record_id"]] = row
                 f.flush()
@@ -554,6 +658,8 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
         "settings": cfg.fingerprint(),
         "checkpoint_meta": {k: v for k, v in loaded.meta.items() if k != "model"},
         "speed": speed_summary(samples),
+        "reports": report_summary(samples),
+        "image_source": cfg.image_source,
         "metrics": table,
         "machine": machine_name(cfg.device),
         "date": time.strftime("%Y-%m-%d"),
@@ -611,7 +717,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N studies only")
     parser.add_argument("--split", default="test", help="records of this split (all: every record)")
     parser.add_argument("--language", default=None, choices=("en", "zh"))
-    parser.add_argument("--image-source", default="phantom", choices=("phantom", "real", "auto"))
+    parser.add_argument(
+        "--image-source",
+        default="phantom",
+        choices=IMAGE_SOURCES,
+        help="blank / shuffled: image-blind controls (constant grey image / another study's phantoms; "
+        "the truth stays the study's own)",
+    )
     parser.add_argument(
         "--views", default=None, help="comma list, e.g. frontal,lateral (default: the checkpoint's)"
     )

@@ -9,6 +9,11 @@ implementation, e.g. `bleu4_coco`) and `per_sample` (one dict per hypothesis). C
 (`language="zh"`): n-gram metrics score characters against the Chinese references (keys get
 `_zhchar`); metrics that need English text score `echocxr.data.zh.zh_to_en` translations
 (keys get `_zh2en`), as ECHO scored translations.
+
+Language: `language=None` (the default) detects it from the references' script (`detect_language`:
+"zh" when CJK ideographs make at least half of their letters). Declaring "en" for Chinese
+references is a UserError, never a silent score: English tokenizers erase Chinese characters,
+so ROUGE and BLEU of Chinese text scored as English would be 0.
 """
 
 from __future__ import annotations
@@ -24,6 +29,34 @@ from typing import Literal
 import numpy as np
 
 from echocxr.errors import UserError
+
+LANGUAGES: tuple[str, ...] = ("en", "zh")
+ZH_CJK_SHARE = 0.5  # references whose letters are at least this share CJK ideographs are Chinese
+
+
+def detect_language(refs: Sequence[str], language: str | None = None) -> str:
+    """The language to score `refs` in: `language` checked against their script, or detected.
+
+    Script: `tokenize.cjk_share` over the references (hypotheses are not used: a broken model's
+    output must not change how it is scored); text with no letters at all counts as "en".
+    Declaring "en" for references that are mostly CJK is an error: every English tokenizer here
+    drops CJK characters, so the scores would silently be 0. Declaring "zh" for Latin-script text
+    is allowed (the character tokenizer keeps Latin words whole, and the `_zh2en` path may be
+    handed English references). Raises UserError for an unknown language or "en" on Chinese text.
+    """
+    from echocxr.eval.metrics.tokenize import cjk_share
+
+    if language is not None and language not in LANGUAGES:
+        raise UserError(f"unknown language {language!r} ({', '.join(LANGUAGES)})")
+    share = cjk_share([r for r in refs if isinstance(r, str)])
+    found = "zh" if share is not None and share >= ZH_CJK_SHARE else "en"
+    if language == "en" and found == "zh":
+        raise UserError(
+            f"language='en', but {share:.0%} of the references' letters are CJK ideographs: English "
+            "tokenizers drop them and every n-gram score would be 0; pass language='zh', or "
+            "language=None to detect it"
+        )
+    return language or found
 
 
 @dataclass(frozen=True)
@@ -209,6 +242,17 @@ REGISTRY: dict[str, MetricSpec] = {
             needs_truth=True,
         ),
         MetricSpec(
+            "phantom_grounding",
+            "labels",
+            "phantom_grounding",
+            "english",
+            "per-finding phantom-truth F1 and macro-F1 over abnormal findings (no_finding excluded) "
+            "with >= 5 and >= 10 positives in the eval set",
+            (_LABELER,),
+            needs_truth=True,
+            options=("min_positives",),
+        ),
+        MetricSpec(
             "sembscore_chexbert",
             "chexbert",
             "sembscore",
@@ -357,10 +401,13 @@ def _check_keywords(kw: dict, specs: Sequence[MetricSpec]) -> None:
         raise UserError(f"unknown metric option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
 
 
-def compute(name: str, hyps: list[str], refs: list[str], *, language: str = "en", **kw) -> MetricResult:
+def compute(
+    name: str, hyps: list[str], refs: list[str], *, language: str | None = None, **kw
+) -> MetricResult:
     """Score `hyps` against `refs` (same length, one reference each) with one registered metric.
 
-    language "zh": see the module docstring. `refs_en=` gives English references for the
+    language: None detects it from the references' script; "en"/"zh" must agree with it
+    (`detect_language`; UserError otherwise). "zh": see the module docstring. `refs_en=` gives English references for the
     metrics that need English (otherwise the Chinese references are translated too).
     `truth=` (list of Findings) is required by `phantom_f1`. Other keywords: the metric's
     options and local paths (see `REGISTRY`).
@@ -368,10 +415,9 @@ def compute(name: str, hyps: list[str], refs: list[str], *, language: str = "en"
     spec = REGISTRY.get(name)
     if spec is None:
         raise UserError(f"unknown metric {name!r}; known: {', '.join(REGISTRY)}")
-    if language not in ("en", "zh"):
-        raise UserError(f"unknown language {language!r} (en, zh)")
     _check_keywords(kw, list(REGISTRY.values()))
     _check_texts(hyps, refs)
+    language = detect_language(refs, language)
     truth = kw.get("truth")
     why = _missing(spec, language, kw, truth)
     if why:
@@ -434,7 +480,7 @@ def compute_all(
     hyps: list[str],
     refs: list[str],
     *,
-    language: str = "en",
+    language: str | None = None,
     truth: Sequence | None = None,
     bootstrap: int = 1000,
     seed: int = 0,
@@ -453,6 +499,7 @@ def compute_all(
     if unknown:
         raise UserError(f"unknown metric(s) {', '.join(unknown)}; known: {', '.join(REGISTRY)}")
     _check_keywords(kw, list(REGISTRY.values()))
+    language = detect_language(refs, language)
     if truth is not None:
         kw["truth"] = truth
     out: dict[str, dict] = {}

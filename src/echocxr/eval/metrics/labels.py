@@ -9,6 +9,9 @@ CheXpert-14 only.
 
 `phantom_f1` scores generated reports against the findings each phantom radiograph was
 rendered with (its positive entries), which is exact ground truth for what the image shows.
+Its micro F1 counts `no_finding` hits, so a constant normal report scores well on a mostly
+normal set. `phantom_grounding` is the honest grounding number: macro F1 over the abnormal
+findings only (`no_finding` left out), each finding with enough positives in the eval set.
 """
 
 from __future__ import annotations
@@ -135,3 +138,69 @@ def _truth_labels(findings, index: int) -> list[tuple[str, str]]:
     ):
         out.append(("no_finding", "positive"))
     return out
+
+
+# Minimum positives (phantoms drawn with the finding) for a finding to enter the abnormal
+# macro-F1; one aggregate per minimum. Issue #13's targets read the ">= 10" one.
+MIN_POSITIVES: tuple[int, ...] = (5, 10)
+_ABNORMAL = np.array([o != "no_finding" for o in OBSERVATIONS])
+
+
+def phantom_grounding(
+    hyps: list[str], refs: list[str], *, truth: Sequence, min_positives: Sequence[int] = MIN_POSITIVES
+) -> MetricResult:
+    """Per-finding phantom-truth F1 and its macro mean over abnormal findings (issue #13).
+
+    A finding is present in a report when the project labeler marks it positive (uncertain,
+    negative and unmentioned count as absent); in the truth when the phantom was drawn with it
+    positive. `no_finding` is left out. For each m in `min_positives`, `phantom_abn_macro_f1@m`
+    averages the per-finding F1 over the abnormal findings with at least m positives in the
+    truth of this eval set (`phantom_abn_findings@m` of them; 0.0 when there are none).
+    Findings the model states but no included phantom has count only as false positives of
+    nothing: they lower no macro term (see `phantom_f1` for those). Bootstrap resamples keep the
+    finding set of the full eval set; a finding without tp, fp or fn in a resample is skipped
+    there. Aggregates also hold `phantom_abn_f1/<obs>` for every abnormal finding with a
+    positive and `phantom_abn_positives/<obs>` (counts, no interval).
+
+    Raises UserError on a malformed truth or a minimum below 1.
+    """
+    mins = tuple(int(m) for m in min_positives)
+    if not mins or min(mins) < 1:
+        raise UserError(f"min_positives must be integers >= 1, got {list(min_positives)}")
+    pred = np.stack([present(_labels(h)) for h in hyps])
+    true = np.stack([present(_truth_labels(t, i)) for i, t in enumerate(truth)])
+    counts = confusion(pred, true)  # [N, K, 3]
+    positives = true.sum(axis=0)  # [K]
+    names = np.array(OBSERVATIONS)
+    scored = _ABNORMAL & (positives > 0)
+    included = {m: _ABNORMAL & (positives >= m) for m in mins}
+
+    def per_finding(c: np.ndarray) -> np.ndarray:
+        tp, fp, fn = c.sum(axis=0).T  # [K] each
+        denom = 2 * tp + fp + fn
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), np.nan)
+
+    def aggregate(c: np.ndarray) -> dict[str, float]:
+        f1 = per_finding(c)
+        out = {}
+        for m, keep in included.items():
+            vals = f1[keep]
+            out[f"phantom_abn_macro_f1@{m}"] = float(np.nanmean(vals)) if np.isfinite(vals).any() else 0.0
+        out.update({f"phantom_abn_f1/{o}": float(v) for o, v in zip(names[scored], f1[scored])})
+        return out
+
+    full = aggregate(counts)
+    for m, keep in included.items():
+        full[f"phantom_abn_findings@{m}"] = float(keep.sum())
+    full.update({f"phantom_abn_positives/{o}": float(n) for o, n in zip(names[scored], positives[scored])})
+    abn = counts[:, _ABNORMAL].sum(axis=1)  # [N, 3] over abnormal findings
+    per_sample = [
+        {"phantom_abn_tp": float(tp), "phantom_abn_fp": float(fp), "phantom_abn_fn": float(fn)}
+        for tp, fp, fn in abn
+    ]
+    note = (
+        "truth: findings the phantoms were drawn with; labels: echocxr.data.labeler, present = positive "
+        "(uncertain counts as absent); no_finding excluded; macro over abnormal findings with >= m positives"
+    )
+    return MetricResult(full, per_sample, note, lambda idx: aggregate(counts[idx]))

@@ -24,6 +24,18 @@ _EDGE_PUNCT = "\"'`.,;:?!"
 
 # One CJK ideograph per token; Latin words and numbers stay whole (e.g. "2.5", "cm", "t4").
 _ZH_TOKEN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[a-z0-9]+(?:\.[0-9]+)?")
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_LATIN = re.compile(r"[A-Za-z]")
+
+
+def cjk_share(texts) -> float | None:
+    """CJK ideographs / (CJK ideographs + Latin letters) over all `texts`; None when they hold neither.
+
+    Digits and punctuation count for neither script, so "T4" in a Chinese report weighs little.
+    """
+    cjk = sum(len(_CJK.findall(t)) for t in texts)
+    latin = sum(len(_LATIN.findall(t)) for t in texts)
+    return cjk / (cjk + latin) if cjk + latin else None
 
 
 def normalize_space(text: str) -> str:
