@@ -5,7 +5,7 @@ presets do not, and Stage 1 alone learns to write the normal template without re
 (issue 13). Stage 0 trains `visual` (patch embedding, blocks, merger) with a multi-label head on
 the merged image tokens: mean over each study's tokens, then one linear layer to one logit per
 abnormal observation (`CLASSES`: the labeler's vocabulary without `no_finding`), binary
-cross-entropy against
+cross-entropy (positives weighted by the class's negative/positive ratio, at most 20) against
 
 - the findings a phantom was drawn with (`findings_for_record`) when the study's image is a
   phantom, and
@@ -89,6 +89,14 @@ def pooled_features(model: EchoVLM, batch) -> torch.Tensor:
     return torch.stack([f.mean(0) for f in feats.split(per_row)])
 
 
+def positive_weight(y: torch.Tensor, cap: float = 20.0) -> torch.Tensor:
+    """BCE weight of the positives per class, negatives/positives clipped to [1, cap], from the
+    label table y [studies, C]. Most findings are rare: unweighted, the head learns their priors
+    and the tower barely moves (as in `echocxr bench phantoms`, which weighs the same way)."""
+    pos = y.sum(0)
+    return ((len(y) - pos) / pos.clamp(min=1)).clamp(1.0, cap)
+
+
 class VisionStage:
     """Stage 0 for the shared training loop: BCE of the head's logits against the study labels."""
 
@@ -99,12 +107,13 @@ class VisionStage:
 
     def __init__(self, labels: dict[str, torch.Tensor]):
         self.labels = labels
+        self.pos_weight = positive_weight(torch.stack(list(labels.values())))
         self.checkpoint_meta = {"stage": "vision", "vision_classes": list(CLASSES)}
 
     def loss(self, model: EchoVLM, batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         z = model.vision_head(pooled_features(model, batch).float())  # [rows, C]
         y = torch.stack([self.labels[r] for r in batch.record_ids]).to(z.device)
-        loss = F.binary_cross_entropy_with_logits(z, y)
+        loss = F.binary_cross_entropy_with_logits(z, y, pos_weight=self.pos_weight.to(z.device))
         with torch.no_grad():
             hit = ((z > 0) == (y > 0.5)).float().mean()
         return loss, {"bce": loss.item(), "label_acc": hit.item(), "positives": float(y.sum())}
