@@ -317,6 +317,7 @@ def test_cpu_presets_warm_start_the_vision_tower(tmp_path):
         for sfx in ("", "_orig") if cfg.ablation else ("",):
             vis, ar = steps[f"train/vision{sfx}"], steps[f"train/ar{sfx}"]
             assert f"--stage vision --init {cfg.model} " in vis.command
+            assert f"--batch-size {cfg.vision_batch_size} " in vis.command
             assert "--init " + str(tmp_path / "run" / f"vision{sfx}" / "final") in ar.command
             assert ar.deps == (f"train/vision{sfx}",)
     base = pl.get_pipeline_preset("base")

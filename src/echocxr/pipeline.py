@@ -54,7 +54,8 @@ class PipelineConfig:
     batch_size: int
     lr: tuple[float, float, float] = (3e-4, 3e-4, 1e-4)  # AR, RAD, DCD
     vision_steps: int = 0  # Stage 0 (vision warm-start, docs/TRAINING.md) before AR; 0: none
-    vision_lr: float = 1e-3
+    vision_lr: float = 3e-3
+    vision_batch_size: int = 16  # Stage 0 steps are cheap (no language model): more images per step
     freeze_vision_ar: bool = False  # AR keeps the Stage 0 tower fixed (cheaper; RAD/DCD always do)
     warmup: int = 50
     distill_studies: int = 256  # DCD: studies the teacher decodes
@@ -75,8 +76,8 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if min(self.ar_steps, self.rad_steps, self.dcd_steps, self.batch_size) < 1:
             raise UserError(f"pipeline preset {self.name}: steps and batch size must be >= 1")
-        if self.vision_steps < 0:
-            raise UserError(f"pipeline preset {self.name}: vision_steps must be >= 0")
+        if self.vision_steps < 0 or self.vision_batch_size < 1:
+            raise UserError(f"pipeline preset {self.name}: vision_steps must be >= 0, vision_batch_size >= 1")
         if self.ablation and self.ablation_block not in self.block_sizes:
             raise UserError(f"pipeline preset {self.name}: ablation block {self.ablation_block} not trained")
 
@@ -88,8 +89,7 @@ PRESETS: dict[str, PipelineConfig] = {
     "tiny": PipelineConfig(
         name="tiny",
         model="mini",
-        vision_steps=300,
-        vision_lr=1e-3,
+        vision_steps=400,
         freeze_vision_ar=True,
         ar_steps=1000,
         rad_steps=500,
@@ -110,8 +110,7 @@ PRESETS: dict[str, PipelineConfig] = {
     "base": PipelineConfig(
         name="base",
         model="base",
-        vision_steps=400,
-        vision_lr=1e-3,
+        vision_steps=800,
         freeze_vision_ar=True,
         ar_steps=1200,
         rad_steps=800,
@@ -306,7 +305,8 @@ def plan(cfg: PipelineConfig, opt: RunOptions) -> list[Step]:
         folder = out / name
         lr = cfg.vision_lr if stage == "vision" else cfg.lr[("ar", "rad", "dcd").index(stage)]
         argv = ["train", "--stage", stage, "--init", init, "--corpus", str(data / "corpus.jsonl")]
-        argv += ["--out", str(folder), "--steps", str(steps_n), "--batch-size", str(cfg.batch_size)]
+        batch = cfg.vision_batch_size if stage == "vision" else cfg.batch_size
+        argv += ["--out", str(folder), "--steps", str(steps_n), "--batch-size", str(batch)]
         argv += ["--lr", str(lr), "--warmup", str(min(cfg.warmup, steps_n // 4))]
         argv += ["--device", opt.device, "--seed", str(opt.seed), "--log-every", str(cfg.log_every)]
         argv += ["--save-every", str(max(1, steps_n // 4))]
