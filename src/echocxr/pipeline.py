@@ -89,7 +89,7 @@ PRESETS: dict[str, PipelineConfig] = {
     "tiny": PipelineConfig(
         name="tiny",
         model="mini",
-        vision_steps=400,
+        vision_steps=600,
         freeze_vision_ar=True,
         ar_steps=1000,
         rad_steps=500,
