@@ -162,3 +162,5 @@ def test_pretrained_checkpoint_skips_stage0(tmp_path, capsys):
     assert vision_cli(corpus, tmp_path / "out", "--steps", 1, init=str(real)) == 0
     assert "pretrained checkpoint" in capsys.readouterr().out
     assert not (tmp_path / "out").exists()
+    assert vision_cli(corpus, tmp_path / "frozen", "--steps", 1, "--freeze-vision") == 2
+    assert "--stage vision trains the vision tower only" in capsys.readouterr().err

@@ -149,5 +149,9 @@ def attach_head(model: EchoVLM, seed: int) -> nn.Linear:
 
 
 def build_stage(args, model: EchoVLM, tokenizer, processor) -> VisionStage:
+    from echocxr.errors import UserError
+
+    if getattr(args, "freeze_vision", False) or getattr(args, "lora_rank", 0):
+        raise UserError("--stage vision trains the vision tower only: drop --freeze-vision and --lora-rank")
     attach_head(model, args.seed)
     return VisionStage(study_labels(args.corpus, args.image_source))
