@@ -15,7 +15,7 @@ from echocxr.errors import UserError
 
 def test_presets_are_typed_and_frozen():
     tiny, small = pl.get_pipeline_preset("tiny"), pl.get_pipeline_preset("small")
-    assert tiny.model == "tiny" and small.model == "small"
+    assert tiny.model == "mini" and small.model == "small"  # the demo model sees 168 px
     assert tiny.ar_steps < small.ar_steps and tiny.block_sizes == (4, 8)
     with pytest.raises(dataclasses.FrozenInstanceError):
         tiny.ar_steps = 1
@@ -23,7 +23,7 @@ def test_presets_are_typed_and_frozen():
     with pytest.raises(UserError, match="unknown pipeline preset"):
         pl.get_pipeline_preset("huge")
     with pytest.raises(UserError, match="ablation block"):
-        pl.get_pipeline_preset("tiny", ablation_block=16)
+        pl.get_pipeline_preset("base", ablation_block=16)  # tiny runs no ablation
 
 
 def _steps(root: Path, calls: list, command_b: str = "b v1") -> list[pl.Step]:
@@ -80,7 +80,7 @@ def test_changed_command_is_stale(tmp_path):
 
 def test_plan_covers_every_decoder_and_the_ablation(tmp_path):
     opt = pl.RunOptions(out=tmp_path / "run", iu=tmp_path / "iu.tgz", images=tmp_path / "img")
-    steps = pl.plan(pl.get_pipeline_preset("tiny"), opt)
+    steps = pl.plan(pl.get_pipeline_preset("tiny", ablation=True), opt)
     names = [s.name for s in steps]
     assert len(names) == len(set(names))
     for n in ("data/norm", "data/orig", "train/ar", "train/rad_b4", "train/dcd_b8", "train/dcd_b4_orig"):
@@ -259,6 +259,8 @@ def test_micro_pipeline_end_to_end(tmp_path, iu_archive, iu_images):
             dst.addfile(m, src.extractfile(m))
     cfg = pl.get_pipeline_preset(
         "tiny",
+        vision_steps=2,
+        ablation=True,
         ar_steps=3,
         rad_steps=3,
         dcd_steps=2,
@@ -298,3 +300,30 @@ def test_micro_pipeline_end_to_end(tmp_path, iu_archive, iu_images):
     assert meta["stage"] == "dcd" and meta["block_size"] == 8
     steps = pl.plan(cfg, opt)
     assert set(pl.status(steps).values()) == {"done"}
+
+
+def test_cpu_presets_warm_start_the_vision_tower(tmp_path):
+    """`tiny` and `base` run Stage 0 per data variant and start AR from its final checkpoint on
+    models that see 168 px (36 image tokens); `base` runs the ablation and evaluates >= 200 EN
+    studies and the ZH set."""
+    from echocxr.model.config import get_preset
+
+    opt = pl.RunOptions(out=tmp_path / "run", iu=tmp_path / "iu.tgz", images=None)
+    for name in ("tiny", "base"):
+        cfg = pl.get_pipeline_preset(name)
+        model = get_preset(cfg.model)
+        assert model.image_size >= 160 and model.image_tokens == 36
+        steps = {s.name: s for s in pl.plan(cfg, opt)}
+        for sfx in ("", "_orig") if cfg.ablation else ("",):
+            vis, ar = steps[f"train/vision{sfx}"], steps[f"train/ar{sfx}"]
+            assert f"--stage vision --init {cfg.model} " in vis.command
+            assert f"--batch-size {cfg.vision_batch_size} " in vis.command
+            assert "--init " + str(tmp_path / "run" / f"vision{sfx}" / "final") in ar.command
+            assert ar.deps == (f"train/vision{sfx}",)
+    base = pl.get_pipeline_preset("base")
+    assert base.ablation and base.block_sizes == (4, 8) and base.eval_limit >= 200 and base.eval_zh_limit
+    assert base.eval_size >= base.eval_limit
+    off = {s.name for s in pl.plan(pl.get_pipeline_preset("tiny", vision_steps=0), opt)}
+    assert "train/vision" not in off
+    with pytest.raises(UserError):
+        pl.get_pipeline_preset("tiny", vision_steps=-1)

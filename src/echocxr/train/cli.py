@@ -1,5 +1,6 @@
-"""`echocxr train --stage ar|rad|dcd`: one entry point for the three stages.
+"""`echocxr train --stage vision|ar|rad|dcd`: one entry point for the stages.
 
+    echocxr train --stage vision --init tiny|small|CKPT_DIR --corpus corpus.jsonl --out runs/vision --steps N
     echocxr train --stage ar  --init tiny|small|CKPT_DIR --corpus corpus.jsonl --out runs/ar  --steps N
     echocxr train --stage rad --init runs/ar/final       --corpus corpus.jsonl --out runs/rad --block-size 4
     echocxr train --stage dcd --init runs/rad/final      --corpus corpus.jsonl --out runs/dcd
@@ -23,7 +24,12 @@ import torch
 
 from echocxr.errors import UserError
 
-STAGES = {"ar": "echocxr.train.ar", "rad": "echocxr.train.rad", "dcd": "echocxr.train.dcd"}
+STAGES = {
+    "vision": "echocxr.train.vision",  # Stage 0: vision warm-start (skipped for a pretrained --init)
+    "ar": "echocxr.train.ar",
+    "rad": "echocxr.train.rad",
+    "dcd": "echocxr.train.dcd",
+}
 TOKENIZER_DIR = "tokenizer"  # OUT/tokenizer: the BPE trained for a preset, reused on resume
 
 
@@ -140,6 +146,15 @@ def run(args) -> int:
     from echocxr.train.data import StudyStream, image_provenance
     from echocxr.train.loop import FINAL_DIR, TrainConfig, barrier, init_distributed, train
 
+    if args.stage == "vision":
+        from echocxr.train.vision import is_pretrained
+
+        if is_pretrained(args.init):
+            print(
+                f"--init {args.init} is a pretrained checkpoint: its vision tower is trained, so Stage 0 "
+                f"is skipped; continue with `echocxr train --stage ar --init {args.init}`"
+            )
+            return 0
     cfg = TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -238,6 +253,8 @@ def run(args) -> int:
         if args.save_dtype == "bfloat16" and weights is None:
             model = model.to(torch.bfloat16)
         model.save_pretrained(tmp, tokenizer, processor, extra=meta_out, state_dict=weights)
+        if hasattr(stage, "save_extra"):  # Stage 0: its head, beside (not inside) the VLM weights
+            stage.save_extra(model, tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         print(f"final checkpoint: {final}")
