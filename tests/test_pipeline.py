@@ -16,7 +16,8 @@ from echocxr.errors import UserError
 def test_presets_are_typed_and_frozen():
     tiny, small = pl.get_pipeline_preset("tiny"), pl.get_pipeline_preset("small")
     assert tiny.model == "mini" and small.model == "small"  # the demo model sees 168 px
-    assert tiny.ar_steps < small.ar_steps and tiny.block_sizes == (4, 8)
+    assert tiny.ar_steps < small.ar_steps and tiny.block_sizes == (8,)  # base trains 4 and 8
+    assert pl.get_pipeline_preset("base").block_sizes == (4, 8)
     with pytest.raises(dataclasses.FrozenInstanceError):
         tiny.ar_steps = 1
     assert pl.get_pipeline_preset("tiny", ar_steps=7).ar_steps == 7
@@ -80,7 +81,7 @@ def test_changed_command_is_stale(tmp_path):
 
 def test_plan_covers_every_decoder_and_the_ablation(tmp_path):
     opt = pl.RunOptions(out=tmp_path / "run", iu=tmp_path / "iu.tgz", images=tmp_path / "img")
-    steps = pl.plan(pl.get_pipeline_preset("tiny", ablation=True), opt)
+    steps = pl.plan(pl.get_pipeline_preset("tiny", ablation=True, block_sizes=(4, 8)), opt)
     names = [s.name for s in steps]
     assert len(names) == len(set(names))
     for n in ("data/norm", "data/orig", "train/ar", "train/rad_b4", "train/dcd_b8", "train/dcd_b4_orig"):
@@ -109,7 +110,7 @@ def test_plan_covers_every_decoder_and_the_ablation(tmp_path):
     )
     onestep = next(s for s in steps if s.info.get("label") == "dcd_b8 onestep vanilla")
     assert "--decoder onestep" in onestep.command and "--no-fuse" in onestep.command
-    no_abl = pl.plan(pl.get_pipeline_preset("tiny", ablation=False), opt)
+    no_abl = pl.plan(pl.get_pipeline_preset("tiny", ablation=False, block_sizes=(4, 8)), opt)
     assert not any("orig" in s.name for s in no_abl)
     # Image-blind controls: AR, each RAD teacher at its best K, each fused DCD model.
     by_label = {s.info.get("label"): s for s in steps if s.name.startswith("eval/")}
@@ -261,6 +262,7 @@ def test_micro_pipeline_end_to_end(tmp_path, iu_archive, iu_images):
         "tiny",
         vision_steps=2,
         ablation=True,
+        block_sizes=(4, 8),
         ar_steps=3,
         rad_steps=3,
         dcd_steps=2,
