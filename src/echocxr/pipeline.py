@@ -834,7 +834,8 @@ def write_results(
             "",
             "Probability the model gives the reference token when the whole block is masked (the "
             "one-step situation), in the RAD layout [prompt | masked blocks | clean reference], on "
-            f"the first {cfg.eval_limit} held-out studies. EOS = the report's first EOS and the EOS "
+            f"{'all' if cfg.eval_limit is None else f'the first {cfg.eval_limit}'} held-out EN studies. "
+            "EOS = the report's first EOS and the EOS "
             "padding after it in its block; content = every earlier token.",
             "",
             "| model | B | content | EOS | n content | n EOS |",
