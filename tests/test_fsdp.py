@@ -88,3 +88,19 @@ def test_fsdp2_matches_single_process_and_resumes_exactly(tmp_path):
 
     model, *_ = EchoVLM.from_pretrained(resumed / "final")
     assert torch.equal(model.hf.lm_head.weight, w2["lm_head.weight"])
+
+
+@pytest.mark.slow
+def test_fsdp2_stage0_exports_the_gathered_head(tmp_path):
+    """Stage 0 under FSDP2: its head, a shard on each rank, is gathered before it is written beside
+    the plain HF folder (a sharded head would not serialize)."""
+    corpus = _corpus(tmp_path / "corpus.jsonl")
+    args = _args(corpus, tmp_path / "vision", 2, "--fsdp")
+    args[args.index("ar")] = "vision"
+    args[args.index("--steps") + 1] = "2"
+    _torchrun(args, tmp_path)
+    final = tmp_path / "vision" / "final"
+    head = load_file(final / "vision_head.safetensors")
+    single = EchoVLM.from_pretrained(final)[0]
+    assert head["weight"].shape[1] == single.config.hidden_size  # the merger's output width
+    assert all(t.isfinite().all() for t in head.values())

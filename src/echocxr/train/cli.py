@@ -233,11 +233,12 @@ def run(args) -> int:
         dist_info=dist_info,
         progress=not args.no_progress,
     )
-    weights = None
+    weights = full = None
     if args.fsdp:  # gather the shards (every rank takes part), then rank 0 writes the HF folder
         from echocxr.train.loop import full_state_dict
 
-        weights = {k.removeprefix("hf."): v for k, v in full_state_dict(model).items() if k.startswith("hf.")}
+        full = full_state_dict(model)
+        weights = {k.removeprefix("hf."): v for k, v in full.items() if k.startswith("hf.")}
         if args.save_dtype == "bfloat16":
             weights = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in weights.items()}
     if dist_info.main:
@@ -254,7 +255,7 @@ def run(args) -> int:
             model = model.to(torch.bfloat16)
         model.save_pretrained(tmp, tokenizer, processor, extra=meta_out, state_dict=weights)
         if hasattr(stage, "save_extra"):  # Stage 0: its head, beside (not inside) the VLM weights
-            stage.save_extra(model, tmp)
+            stage.save_extra(model, tmp, full_state=full)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         print(f"final checkpoint: {final}")

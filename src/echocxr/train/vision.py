@@ -118,12 +118,21 @@ class VisionStage:
             hit = ((z > 0) == (y > 0.5)).float().mean()
         return loss, {"bce": loss.item(), "label_acc": hit.item(), "positives": float(y.sum())}
 
-    def save_extra(self, model: EchoVLM, final: Path) -> None:
+    def save_extra(self, model: EchoVLM, final: Path, full_state: dict | None = None) -> None:
         """Write the head to final/vision_head.safetensors (a probe for later checks; Stage 1
-        does not read it)."""
+        does not read it). full_state: the gathered state dict of a sharded (FSDP2) model, whose
+        own head parameters are shards."""
         from safetensors.torch import save_file
 
-        state = {k: v.detach().float().cpu().contiguous() for k, v in model.vision_head.state_dict().items()}
+        if full_state is None:
+            head = model.vision_head.state_dict()
+        else:
+            head = {
+                k.removeprefix("vision_head."): v
+                for k, v in full_state.items()
+                if k.startswith("vision_head.")
+            }
+        state = {k: v.detach().float().cpu().contiguous() for k, v in head.items()}
         save_file(state, final / HEAD_FILE, metadata={"classes": json.dumps(list(CLASSES))})
 
     def state_dict(self) -> dict:
