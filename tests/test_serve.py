@@ -233,7 +233,8 @@ def test_labels_come_from_the_labeler():
 # --------------------------------------------------------------------------------------- bad input
 
 
-def _dicom_without_pixels() -> bytes:
+def _dicom_header():
+    """A DX secondary-capture dataset with its file meta and no pixel data."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -244,9 +245,17 @@ def _dicom_without_pixels() -> bytes:
     ds = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     ds.Modality = "DX"
+    return ds
+
+
+def _dicom_bytes(ds) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def _dicom_without_pixels() -> bytes:
+    return _dicom_bytes(_dicom_header())
 
 
 def _big_png() -> bytes:
@@ -594,26 +603,17 @@ def test_timeout_queue_limit_and_chunked_oversized_body(backend, pngs):
 def test_dicom_and_jpeg_uploads(server, pngs):
     """A valid DICOM (12-bit, made from a real PNG) and a JPEG are read like the PNG."""
     import numpy as np
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
     png = pngs[sorted(pngs)[0]]
     arr = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.uint16) * 16
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PhotometricInterpretation = "DX", "MONOCHROME2"
+    ds = _dicom_header()
+    ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows, ds.Columns = arr.shape
     ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 16, 12, 11, 0
     ds.PixelData = arr.tobytes()
-    dcm = io.BytesIO()
-    ds.save_as(dcm, enforce_file_format=True)
     jpg = io.BytesIO()
     Image.open(io.BytesIO(png)).convert("L").save(jpg, format="JPEG", quality=95)
-    for name, data in (("study.dcm", dcm.getvalue()), ("study.jpg", jpg.getvalue())):
+    for name, data in (("study.dcm", _dicom_bytes(ds)), ("study.jpg", jpg.getvalue())):
         r = httpx.post(
             server + "/v1/reports", files={"frontal": (name, data)}, data={"max_tokens": "4"}, timeout=60
         )
