@@ -305,9 +305,9 @@ def test_micro_pipeline_end_to_end(tmp_path, iu_archive, iu_images):
 
 
 def test_cpu_presets_warm_start_the_vision_tower(tmp_path):
-    """`tiny` and `base` run Stage 0 per data variant and start AR from its final checkpoint on
-    models that see 168 px (36 image tokens); `base` runs the ablation and evaluates >= 200 EN
-    studies and the ZH set."""
+    """`tiny` and `base` run Stage 0 once and start AR from its final checkpoint on models that see
+    168 px (36 image tokens); `base` runs the ablation, whose AR copies the same tower into a fresh
+    preset model (its own BPE), and evaluates >= 200 EN studies and the ZH set."""
     from echocxr.model.config import get_preset
 
     opt = pl.RunOptions(out=tmp_path / "run", iu=tmp_path / "iu.tgz", images=None)
@@ -316,12 +316,17 @@ def test_cpu_presets_warm_start_the_vision_tower(tmp_path):
         model = get_preset(cfg.model)
         assert model.image_size >= 160 and model.image_tokens == 36
         steps = {s.name: s for s in pl.plan(cfg, opt)}
-        for sfx in ("", "_orig") if cfg.ablation else ("",):
-            vis, ar = steps[f"train/vision{sfx}"], steps[f"train/ar{sfx}"]
-            assert f"--stage vision --init {cfg.model} " in vis.command
-            assert f"--batch-size {cfg.vision_batch_size} " in vis.command
-            assert "--init " + str(tmp_path / "run" / f"vision{sfx}" / "final") in ar.command
-            assert ar.deps == (f"train/vision{sfx}",)
+        vis, ar = steps["train/vision"], steps["train/ar"]
+        assert f"--stage vision --init {cfg.model} " in vis.command
+        assert f"--batch-size {cfg.vision_batch_size} " in vis.command
+        assert "--init " + str(tmp_path / "run" / "vision" / "final") in ar.command
+        assert ar.deps == ("train/vision",)
+        assert "train/vision_orig" not in steps
+        if cfg.ablation:
+            orig = steps["train/ar_orig"]
+            assert f"--init {cfg.model} " in orig.command
+            assert "--vision-from " + str(tmp_path / "run" / "vision" / "final") in orig.command
+            assert orig.deps == ("data/orig", "train/vision")
     base = pl.get_pipeline_preset("base")
     assert base.ablation and base.block_sizes == (4, 8) and base.eval_limit >= 200 and base.eval_zh_limit
     assert base.eval_size >= base.eval_limit

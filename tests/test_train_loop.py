@@ -133,6 +133,42 @@ def test_stream_layout_splits_a_global_batch(corpus):
     assert s.example(0).images[0].tobytes() == a.images[0].tobytes()  # deterministic
 
 
+def test_repeat_abnormal_oversamples_studies_with_a_finding(tmp_path):
+    """--repeat-abnormal 3: a study whose report has an abnormal positive label appears 3 times per
+    epoch, each copy with its own phantom render; normal studies once; 1 keeps the plain stream."""
+    sick = {"cardiomegaly": {"status": "positive"}, "no_finding": {"status": "negative"}}
+    normal = {"no_finding": {"status": "positive"}, "pleural_effusion": {"status": "negative"}}
+    recs = [
+        Record(
+            f"mimic:S{i}",
+            f"mimic:S{i}",
+            "mimic",
+            "train",
+            "en",
+            [],
+            "Text.",
+            "Imp.",
+            sick if i < 2 else normal,
+        )
+        for i in range(5)
+    ]
+    path = tmp_path / "corpus.jsonl"
+    write_jsonl(path, recs)
+    tok = train_bpe(["Text. Imp."] * 5, 300)
+    kw = dict(tokenizer=tok, processor=make_image_processor(56), tokens_per_image=4, image_size=56)
+    s = StudyStream(path, seed=1, image_source="phantom", repeat_abnormal=3, **kw)
+    assert len(s) == 2 * 3 + 3
+    epoch = [s.example(k) for k in range(len(s))]
+    ids = [e.record_id for e in epoch]
+    assert ids.count("mimic:S0") == ids.count("mimic:S1") == 3 and ids.count("mimic:S4") == 1
+    renders = {e.images[0].tobytes() for e in epoch if e.record_id == "mimic:S0"}
+    assert len(renders) == 3  # copies are not the same picture
+    plain = StudyStream(path, seed=1, image_source="phantom", **kw)
+    assert len(plain) == 5 and s.image_counts(len(s)) == {"real": 0, "phantom": 9}
+    with pytest.raises(UserError, match="--repeat-abnormal"):
+        StudyStream(path, repeat_abnormal=0, **kw)
+
+
 # -- the CLI ---------------------------------------------------------------------------------------
 
 

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
+from echocxr.bench.vision_head import head_logits
 from echocxr.cli import main
-from echocxr.data.images import study_images
-from echocxr.data.phantom import MIN_SIZE
-from echocxr.data.records import Record, write_jsonl
+from echocxr.data.records import Record, load_corpus, write_jsonl
 from echocxr.model.config import get_preset
 from echocxr.model.vlm import EchoVLM
 from echocxr.train import loop
-from echocxr.train.vision import CLASSES, HEAD_FILE, attach_head, is_pretrained, label_vector, pooled_features
+from echocxr.train.vision import CLASSES, is_pretrained, label_vector
 
 NORMAL = ("The heart is normal in size. The lungs are clear.", "No acute disease.")
 ABNORMAL = ("The heart is enlarged. Large bilateral pleural effusions.", "Cardiomegaly and effusions.")
@@ -60,7 +60,7 @@ def test_labels_follow_the_image_source():
     assert [c for c, v in zip(CLASSES, label_vector(iu, real=False)) if v] == ["cardiomegaly"]
 
 
-def test_head_learns_drawn_findings(tmp_path):
+def test_head_learns_drawn_findings(tmp_path, capsys):
     """The loss falls, and on fresh renders of held-out studies the trained tower + head score
     sick studies above normal ones (AUROC; a head that learned only the label priors scores 0.5)."""
     corpus = write_corpus(tmp_path / "corpus.jsonl", n=32)
@@ -70,21 +70,28 @@ def test_head_learns_drawn_findings(tmp_path):
     rows = log_rows(out)
     assert sum(r["bce"] for r in rows[-8:]) < 0.5 * sum(r["bce"] for r in rows[:8])
 
-    model, tok, proc, _ = EchoVLM.from_pretrained(out / "final")
-    attach_head(model, 0)
-    model.vision_head.load_state_dict(load_file(out / "final" / HEAD_FILE))
-    model.eval()
-    from echocxr.batch import Example, collate
+    # `echocxr bench vision-head` reads the same tower + head on held-out studies' eval renders.
+    held = tmp_path / "held.jsonl"
+    write_jsonl(held, [record(1000 + i, i % 2 == 1) for i in range(12)])
+    capsys.readouterr()
+    bench = ["bench", "vision-head", "--ckpt", str(out / "final"), "--corpus", str(held), "--seed", "7"]
+    assert main(bench + ["--min-positives", "6"]) == 0
+    got = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert got["studies"] == 12 and got["findings_in_macro"] == 2  # cardiomegaly and effusion, 6 each
 
-    held = [record(1000 + i, i % 2 == 1) for i in range(12)]
-    size = model.config.image_size
-    exs = [Example(study_images(r, size=max(size, MIN_SIZE), seed=7), "en", None, r.record_id) for r in held]
-    batch = collate(exs, tok, proc, model.config.image_tokens)
-    with torch.no_grad():
-        z = model.vision_head(pooled_features(model, batch))[:, CLASSES.index("cardiomegaly")]
-    sick, normal = z[1::2], z[0::2]
+    z, y = head_logits(out / "final", load_corpus(held), seed=7)
+    k = CLASSES.index("cardiomegaly")
+    sick, normal = z[y[:, k] > 0, k], z[y[:, k] == 0, k]
     auroc = (sick[:, None] > normal[None, :]).float().mean()  # pairs ranked right; 0.5 = blind
     assert auroc >= 0.75, (sick, normal)
+    assert got["per_finding"]["cardiomegaly"]["auroc"] == pytest.approx(float(auroc), abs=1e-4)
+
+
+def test_vision_head_bench_names_a_folder_without_a_head(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "corpus.jsonl", n=2)
+    assert main(["bench", "vision-head", "--ckpt", str(tmp_path), "--corpus", str(corpus)]) == 2
+    err = capsys.readouterr().err
+    assert "vision_head.safetensors: not found" in err and str(tmp_path) in err
 
 
 def test_resume_after_kill_is_exact(tmp_path, monkeypatch):
@@ -148,6 +155,31 @@ def test_ar_continues_from_the_warm_vision_tower(tmp_path):
         if is_visual(k):
             assert torch.equal(after[k], warm[k]), k
     assert any(not torch.equal(after[k], warm[k]) for k in warm if not is_visual(k))
+
+    # --vision-from: a preset model on other report text gets the same tower and its own BPE.
+    other = tmp_path / "other.jsonl"
+    write_jsonl(other, [record(i, i % 2 == 1) for i in range(8)])
+    copy = tmp_path / "ar_copy"
+    args = ("--steps", 1, "--batch-size", 2, "--freeze-vision", "--vision-from", vis / "final")
+    assert vision_cli(other, copy, *args, stage="ar") == 0
+    copied = load_file(copy / "final" / "model.safetensors")
+    assert all(torch.equal(copied[k], warm[k]) for k in warm if is_visual(k))
+    assert json.loads((copy / "final" / "echocxr.json").read_text())["trained_on"] == "phantom"
+    assert (copy / "tokenizer" / "tokenizer.json").is_file()  # fitted on this corpus
+
+
+def test_vision_from_names_a_tower_that_does_not_fit(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    vis = tmp_path / "vision"
+    assert vision_cli(corpus, vis, "--steps", 1, "--batch-size", 2) == 0
+    capsys.readouterr()
+    args = ("--steps", 1, "--vision-from", vis / "final")
+    assert vision_cli(corpus, tmp_path / "ar", *args, stage="ar", init="mini") == 2
+    assert (
+        f"--vision-from {vis / 'final'}: its vision tower does not fit this preset" in capsys.readouterr().err
+    )
+    assert vision_cli(corpus, tmp_path / "ar2", *args, stage="ar", init=str(vis / "final")) == 2
+    assert "--vision-from applies to a preset --init" in capsys.readouterr().err
 
 
 def test_pretrained_checkpoint_skips_stage0(tmp_path, capsys):

@@ -30,6 +30,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "decode"): ("echocxr.bench.decode", "decode speed of every decoder (JSON line)"),
     ("bench", "rad"): ("echocxr.bench.rad_flops", "RAD vs symmetric duplication: FLOPs and step time"),
     ("bench", "phantoms"): ("echocxr.bench.phantoms", "phantom learnability (AUROC) and render speed"),
+    ("bench", "vision-head"): (
+        "echocxr.bench.vision_head",
+        "per-finding AUROC of a Stage 0 tower + head on the eval phantoms (JSON line)",
+    ),
     ("bench", "serve"): (
         "echocxr.bench.serve",
         "server throughput and latency, batching on and off (JSON lines)",

@@ -94,7 +94,7 @@ PRESETS: dict[str, PipelineConfig] = {
         model="mini",
         vision_steps=2000,  # eval head AUROC 0.74 at 500, 0.85 at 2000 steps (docs/PIPELINE.md)
         freeze_vision_ar=False,  # AR trains the warm tower too: +0.06 macro-F1 for ~25% more AR time
-        ar_steps=900,
+        ar_steps=1800,  # on the 2000-step tower: abnormal macro-F1 0.218 at 900, 0.269 at 1800 (docs/PIPELINE.md)
         rad_steps=500,
         dcd_steps=200,
         batch_size=8,
@@ -117,7 +117,7 @@ PRESETS: dict[str, PipelineConfig] = {
         model="base",
         vision_steps=2400,  # eval head AUROC 0.74 at 800, 0.85 at 2400 steps (docs/PIPELINE.md)
         freeze_vision_ar=True,
-        ar_steps=1200,
+        ar_steps=2000,  # the ablation no longer repeats Stage 0 (--vision-from), which pays for this
         rad_steps=800,
         dcd_steps=600,  # with 4 rounds: block-8 F1 0.111 -> 0.175 on the 2026-11-30 teacher (docs/PIPELINE.md)
         batch_size=8,
@@ -307,7 +307,7 @@ def plan(cfg: PipelineConfig, opt: RunOptions) -> list[Step]:
             + extra,
         )
 
-    def train(name, stage, init, data, steps_n, deps, block=None):
+    def train(name, stage, init, data, steps_n, deps, block=None, extra=()):
         folder = out / name
         lr = cfg.vision_lr if stage == "vision" else cfg.lr[("ar", "rad", "dcd").index(stage)]
         argv = ["train", "--stage", stage, "--init", init, "--corpus", str(data / "corpus.jsonl")]
@@ -324,18 +324,22 @@ def plan(cfg: PipelineConfig, opt: RunOptions) -> list[Step]:
             argv += ["--distill-studies", str(cfg.distill_studies), "--rounds", str(cfg.dcd_rounds)]
         if stage == "ar" and cfg.freeze_vision_ar:
             argv += ["--freeze-vision"]
+        argv += list(extra)
         cli_step(f"train/{name}", folder, argv, deps, resume_flag="--resume", stage=stage, block=block)
         return folder
 
     trained: dict[str, Path] = {}
     for tag, data, _ in variants:
         sfx = "" if tag == "norm" else "_orig"
-        ar_init, ar_deps = cfg.model, [f"data/{tag}"]
-        if cfg.vision_steps:  # per variant: Stage 0 also fits the BPE that the chain then keeps
-            vis = train(f"vision{sfx}", "vision", cfg.model, data, cfg.vision_steps, [f"data/{tag}"])
-            trained[f"vision{sfx}"] = vis
-            ar_init, ar_deps = str(checkpoint_dir(vis)), [f"train/vision{sfx}"]
-        ar = train(f"ar{sfx}", "ar", ar_init, data, cfg.ar_steps, ar_deps)
+        ar_init, ar_deps, ar_extra = cfg.model, [f"data/{tag}"], []
+        if cfg.vision_steps and tag == "norm":  # Stage 0 also fits the BPE that the chain then keeps
+            vis = train("vision", "vision", cfg.model, data, cfg.vision_steps, [f"data/{tag}"])
+            trained["vision"] = vis
+            ar_init, ar_deps = str(checkpoint_dir(vis)), ["train/vision"]
+        elif cfg.vision_steps:  # the ablation: the same Stage 0 tower, its own BPE (fitted by AR)
+            ar_deps = [f"data/{tag}", "train/vision"]
+            ar_extra = ["--vision-from", str(checkpoint_dir(trained["vision"]))]
+        ar = train(f"ar{sfx}", "ar", ar_init, data, cfg.ar_steps, ar_deps, extra=ar_extra)
         trained[f"ar{sfx}"] = ar
         blocks = cfg.block_sizes if tag == "norm" else (cfg.ablation_block,)
         for B in blocks:

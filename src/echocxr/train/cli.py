@@ -57,6 +57,18 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--image-source", choices=("auto", "phantom", "real"), default="auto")
     p.add_argument("--max-response", type=int, default=None, help="response tokens (default: preset's)")
+    p.add_argument(
+        "--vision-from",
+        default=None,
+        help="with a preset --init: copy the vision tower and merger from this checkpoint (a Stage 0 "
+        "final/ of the same preset) and fit the BPE on --corpus as usual",
+    )
+    p.add_argument(
+        "--repeat-abnormal",
+        type=int,
+        default=1,
+        help="studies whose report has an abnormal finding appear this many times per epoch (default 1)",
+    )
     p.add_argument("--workers", type=int, default=d.workers, help="data-loading processes")
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank (peft); 0: full")
     p.add_argument("--lora-alpha", type=float, default=None, help="default: 2 * rank")
@@ -120,11 +132,35 @@ def build_model(args, out: Path, dist_info):
         barrier(dist_info)
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         model = EchoVLM.from_config(cfg, tokenizer, dtype=dtype, seed=args.seed)
-        return model, tokenizer, make_image_processor(cfg.image_size), {}
+        meta = copy_vision(model, Path(args.vision_from)) if getattr(args, "vision_from", None) else {}
+        return model, tokenizer, make_image_processor(cfg.image_size), meta
     path = Path(args.init)
     if not path.exists():
         raise UserError(f"--init {args.init}: neither a preset ({', '.join(PRESETS)}) nor an existing folder")
+    if getattr(args, "vision_from", None):
+        raise UserError("--vision-from applies to a preset --init; a checkpoint folder brings its own tower")
     return EchoVLM.from_pretrained(path, dtype=dtype)
+
+
+def copy_vision(model, source: Path) -> dict:
+    """Load `source`'s vision tower and patch merger (`model.visual`) into a fresh preset model, so a
+    second chain on other report text (the pipeline's original-text ablation) starts from the same
+    Stage 0 tower without training it again. Returns the source's metadata (its `trained_on` and
+    image counts carry forward). Raises UserError when the folder is missing or its tower has
+    another shape."""
+    from echocxr.model.vlm import EchoVLM
+
+    if not source.is_dir():
+        raise UserError(f"--vision-from {source}: not a checkpoint folder")
+    src, _, _, meta = EchoVLM.from_pretrained(source)
+    try:
+        model.visual.load_state_dict(src.visual.state_dict())
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1].strip()
+        raise UserError(
+            f"--vision-from {source}: its vision tower does not fit this preset ({first})"
+        ) from None
+    return meta
 
 
 def _train_tokenizer(corpus: str, vocab_size: int):
@@ -213,6 +249,7 @@ def run(args) -> int:
             image_source=args.image_source,
             max_response=max_response,
             multiple_of=stage.multiple_of,
+            repeat_abnormal=args.repeat_abnormal,
         )
     run_args = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
     run_args["world"] = dist_info.world

@@ -1,7 +1,9 @@
 """Training batches from a corpus file: a deterministic, resumable stream.
 
-The stream is an endless sequence of training studies: epoch e is a permutation of the records
-drawn from (seed, e), and stream position k is record perm_e[k mod n] with e = k // n. Optimizer
+The stream is an endless sequence of training studies: epoch e is a permutation of the n entries
+drawn from (seed, e), and stream position k is entry perm_e[k mod n] with e = k // n. An entry is a
+record, or one of `repeat_abnormal` copies of a record whose report has an abnormal finding
+(`--repeat-abnormal`: rare findings are written more often; each copy gets its own phantom render). Optimizer
 step s, micro-batch m of rank r (of `world`) covers positions
 
     [((s * accum + m) * world + r) * B, ... + B)
@@ -51,6 +53,7 @@ class StudyStream:
         max_response: int | None = None,
         multiple_of: int = 1,
         split: str = "train",
+        repeat_abnormal: int = 1,
     ):
         from echocxr.data.phantom import MIN_SIZE
         from echocxr.data.records import load_corpus
@@ -61,7 +64,15 @@ class StudyStream:
         records = [r for r in load_corpus(path, split=split) if r.findings.strip() or r.impression.strip()]
         if not records:
             raise UserError(f"{corpus}: no {split!r} records with a findings or impression text")
+        if repeat_abnormal < 1:
+            raise UserError(f"--repeat-abnormal must be >= 1, got {repeat_abnormal}")
         self.records, self.root = records, path.parent
+        # (record index, copy): a study with an abnormal finding appears repeat_abnormal times per epoch
+        self.entries = [
+            (i, c)
+            for i, r in enumerate(records)
+            for c in range(repeat_abnormal if has_abnormal_finding(r) else 1)
+        ]
         self.tokenizer, self.processor, self.tokens_per_image = tokenizer, processor, tokens_per_image
         self.image_size = max(image_size, MIN_SIZE)  # the processor resizes to the model's size
         self.seed, self.image_source = seed, image_source
@@ -69,21 +80,28 @@ class StudyStream:
         self._perms: dict[int, list[int]] = {}
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.entries)
 
     def _perm(self, epoch: int) -> list[int]:
         if epoch not in self._perms:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perms = {epoch: torch.randperm(len(self.records), generator=g).tolist()}
+            self._perms = {epoch: torch.randperm(len(self.entries), generator=g).tolist()}
         return self._perms[epoch]
 
     def example(self, position: int) -> Example:
         from echocxr.data.images import study_images
 
-        epoch, i = divmod(position, len(self.records))
-        r = self.records[self._perm(epoch)[i]]
+        epoch, i = divmod(position, len(self.entries))
+        index, copy = self.entries[self._perm(epoch)[i]]
+        r = self.records[index]
+        render_epoch = epoch + copy * REPEAT_EPOCH_STRIDE  # each copy its own phantom render
         images = study_images(
-            r, size=self.image_size, seed=self.seed, epoch=epoch, source=self.image_source, root=self.root
+            r,
+            size=self.image_size,
+            seed=self.seed,
+            epoch=render_epoch,
+            source=self.image_source,
+            root=self.root,
         )
         return Example(images, r.language, r.report, r.record_id, {"source": r.source})
 
@@ -92,8 +110,8 @@ class StudyStream:
         {"real": n, "phantom": m}, counted per position with the rule `study_images` applies
         (`image_kind`). A record's kind does not change between epochs, so each full epoch adds
         the whole corpus's counts and the last, partial one its permutation's first positions."""
-        kinds = [image_kind(r, self.image_source, self.root) for r in self.records]
-        full, rest = divmod(positions, len(self.records))
+        kinds = [image_kind(self.records[i], self.image_source, self.root) for i, _ in self.entries]
+        full, rest = divmod(positions, len(self.entries))
         counts = {"real": 0, "phantom": 0}
         for k in kinds:
             counts[k] += full
@@ -110,6 +128,20 @@ class StudyStream:
             max_response=self.max_response,
             multiple_of=self.multiple_of,
         )
+
+
+REPEAT_EPOCH_STRIDE = (
+    1_000_003  # phantom epoch of copy c in epoch e: e + c * stride (no clash with real epochs)
+)
+
+
+def has_abnormal_finding(record) -> bool:
+    """True when the labeler found a positive observation other than `no_finding` in the report
+    (`record.labels`, written by `echocxr data build`)."""
+    return any(
+        obs != "no_finding" and isinstance(a, dict) and a.get("status", "positive") == "positive"
+        for obs, a in (record.labels or {}).items()
+    )
 
 
 def image_kind(record, source: str, root: Path | None) -> str:
