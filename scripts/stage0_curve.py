@@ -38,13 +38,22 @@ def render_pool(data: Path, size: int, epochs: int, cache: Path):
     cache.mkdir(parents=True, exist_ok=True)
     out = {}
     for name, recs, eps in (
-        ("train", [r for r in load_corpus(data / "corpus.jsonl", split="train") if r.language == "en"], epochs),
+        (
+            "train",
+            [r for r in load_corpus(data / "corpus.jsonl", split="train") if r.language == "en"],
+            epochs,
+        ),
         ("eval", load_corpus(data / "eval_en.jsonl")[:200], None),
     ):
         f = cache / f"{name}_{size}_{eps}.npz"
         if not f.is_file():
             xs = [
-                np.stack([np.asarray(study_images(r, size=size, seed=0, epoch=e, source="phantom")[0]) for r in recs])
+                np.stack(
+                    [
+                        np.asarray(study_images(r, size=size, seed=0, epoch=e, source="phantom")[0])
+                        for r in recs
+                    ]
+                )
                 for e in (range(eps) if eps else [None])
             ]
             y = np.stack([label_vector(r, real=False).numpy() for r in recs]).astype(np.uint8)
@@ -59,7 +68,9 @@ def auroc(z: torch.Tensor, y: torch.Tensor, classes, min_pos: int = 10) -> tuple
     for j, c in enumerate(classes):
         p, q = z[y[:, j] > 0, j], z[y[:, j] == 0, j]
         if len(p) >= min_pos:
-            per[c] = round(float((p[:, None] > q[None]).float().mean() + 0.5 * (p[:, None] == q[None]).float().mean()), 3)
+            per[c] = round(
+                float((p[:, None] > q[None]).float().mean() + 0.5 * (p[:, None] == q[None]).float().mean()), 3
+            )
     return (round(sum(per.values()) / len(per), 3) if per else float("nan")), per
 
 
@@ -139,7 +150,10 @@ def main() -> None:
             macro, per = score(Xe[0], Ye)
             train_macro, _ = score(X[0, :200], Y[:200])
             row = {"step": step, "s": round(time.time() - t0), "loss": round(loss.item(), 3)}
-            print(json.dumps(row | {"eval_auroc": macro, "train_auroc": train_macro, "per_finding": per}), flush=True)
+            print(
+                json.dumps(row | {"eval_auroc": macro, "train_auroc": train_macro, "per_finding": per}),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

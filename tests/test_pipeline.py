@@ -284,6 +284,8 @@ def test_micro_pipeline_end_to_end(tmp_path, iu_archive, iu_images):
     for label in ("| ar |", "rad_b8 block K=8", "dcd_b4 onestep fused", "zh dcd_b8", "original text: dcd_b4"):
         assert label in page
     assert "## Reports for the four real IU radiographs" in page
+    # The ablation says what it shows: grounding of each decoder trained on either text.
+    assert "- ar: `phantom_abn_macro_f1@10` " in page and " on original text; distinct reports " in page
     # The grounding table leads, with both controls found beside AR and the fused DCD models.
     grounding = page[page.index("## Grounding") : page.index("## Every decoder")]
     rows = {line.split("|")[1].strip(): line for line in grounding.splitlines() if line.startswith("| ")}

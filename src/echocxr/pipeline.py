@@ -833,6 +833,7 @@ def write_results(
             "`phantom_f1` compares with the findings the images were rendered from and does not "
             "depend on the reference style.",
             "",
+            *ablation_grounding(normalized, groups["ablation_orig"]),
         ]
 
     conf_path = next(
@@ -941,6 +942,23 @@ def _gap(real, control) -> str:
 
 def _value(aggregate: dict, key: str):
     return next(iter(aggregate["metrics"].values()), {}).get(key, {}).get("value")
+
+
+def ablation_grounding(normalized: list[dict], original: list[dict]) -> list[str]:
+    """One line per decoder of the text ablation: its abnormal-finding macro-F1 and distinct reports
+    trained on normalized vs original text (rows paired by the label after the side's prefix)."""
+    H = GROUNDING_HEADLINE
+    orig = {e["label"].removeprefix("original text: "): e["aggregate"] for e in original}
+    out = []
+    for e in normalized:
+        name = e["label"].removeprefix("normalized: ")
+        if name in orig:
+            a, b = e["aggregate"], orig[name]
+            out.append(
+                f"- {name}: `{H}` {_fmt(_value(a, H))} trained on normalized text vs {_fmt(_value(b, H))} "
+                f"on original text; distinct reports {_distinct(a)} vs {_distinct(b)}."
+            )
+    return out + [""] if out else []
 
 
 def grounding_section(main: list[dict], controls: list[dict]) -> list[str]:
