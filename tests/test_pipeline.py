@@ -324,6 +324,10 @@ def test_cpu_presets_warm_start_the_vision_tower(tmp_path):
         assert "--init " + str(tmp_path / "run" / "vision" / "final") in ar.command
         assert ar.deps == ("train/vision",)
         assert "train/vision_orig" not in steps
+        dcd = steps["train/dcd_b8"].command
+        assert (
+            f"--distill-studies {cfg.distill_studies} --rounds {cfg.dcd_rounds}" in dcd and cfg.dcd_rounds > 1
+        )
         if cfg.ablation:
             orig = steps["train/ar_orig"]
             assert f"--init {cfg.model} " in orig.command
