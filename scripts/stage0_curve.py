@@ -11,8 +11,8 @@ image tokens) and `--patch/--merge` (patch size and spatial merge of the tower).
 
     python scripts/stage0_curve.py --data runs/base/data --model base --steps 2400 --eval-every 400
 
-Exploratory: it is not the pipeline's Stage 0 (which renders fresh images every step), and its
-AUROC is a pair-ranking count; `echocxr bench vision-head` scores the pipeline's checkpoints.
+Exploratory: it is not the pipeline's Stage 0 (which renders fresh images every step); its AUROC
+table is `echocxr bench vision-head`'s, which scores the pipeline's own checkpoints.
 """
 
 from __future__ import annotations
@@ -63,15 +63,17 @@ def render_pool(data: Path, size: int, epochs: int, cache: Path):
     return out
 
 
-def auroc(z: torch.Tensor, y: torch.Tensor, classes, min_pos: int = 10) -> tuple[float, dict]:
-    per = {}
-    for j, c in enumerate(classes):
-        p, q = z[y[:, j] > 0, j], z[y[:, j] == 0, j]
-        if len(p) >= min_pos:
-            per[c] = round(
-                float((p[:, None] > q[None]).float().mean() + 0.5 * (p[:, None] == q[None]).float().mean()), 3
-            )
-    return (round(sum(per.values()) / len(per), 3) if per else float("nan")), per
+def auroc(z: torch.Tensor, y: torch.Tensor, min_pos: int = 10) -> tuple[float, dict]:
+    """(macro AUROC, {finding: AUROC}) over findings with >= min_pos positives (bench.vision_head's table)."""
+    from echocxr.bench.vision_head import auroc_table
+
+    t = auroc_table(z, y, min_pos)
+    per = {
+        c: round(v["auroc"], 3)
+        for c, v in t["per_finding"].items()
+        if v["positives"] >= min_pos and v["auroc"] is not None
+    }
+    return t["macro_auroc"], per
 
 
 def main() -> None:
@@ -129,7 +131,7 @@ def main() -> None:
         with torch.no_grad():
             z = torch.cat([logits(xs[i : i + 50]) for i in range(0, len(xs), 50)])
         model.train()
-        return auroc(z, ys, CLASSES)
+        return auroc(z, ys)
 
     g = torch.Generator().manual_seed(0)
     t0 = time.time()

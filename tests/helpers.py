@@ -3,6 +3,8 @@ sys.path). Plain functions, no fixtures: each test module keeps its own fixture 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 # A small bilingual corpus: enough for a BPE tokenizer and a few reports to decode or train on.
@@ -81,3 +83,20 @@ class LoopbackServer:
     def __exit__(self, *exc):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+@contextlib.contextmanager
+def killed_after_first_checkpoint(monkeypatch):
+    """Inside the block, the training loop raises KeyboardInterrupt (as a kill would) right after it
+    writes its first checkpoint; the real `save_checkpoint` is back on leaving the block."""
+    from echocxr.train import loop
+
+    real_save = loop.save_checkpoint
+
+    def save_then_die(*a, **k):
+        real_save(*a, **k)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "save_checkpoint", save_then_die)
+        yield

@@ -22,7 +22,7 @@ from echocxr.model.vlm import EchoVLM
 from echocxr.train import loop
 from echocxr.train.ar import ar_logits, ar_loss
 from echocxr.train.data import Layout, StudyStream
-from helpers import noise_image
+from helpers import killed_after_first_checkpoint, noise_image
 
 REPORTS = [
     ("en", "The heart is normal in size. No pleural effusion. No pneumothorax.", "Normal chest."),
@@ -204,17 +204,10 @@ def test_resume_after_kill_is_exact(corpus, tmp_path, monkeypatch):
     )
     assert train_cli(corpus, tmp_path / "whole", *args) == 0
 
-    real_save = loop.save_checkpoint
-
-    def save_then_die(*a, **k):
-        real_save(*a, **k)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
-    assert train_cli(corpus, tmp_path / "killed", *args) == 130
+    with killed_after_first_checkpoint(monkeypatch):
+        assert train_cli(corpus, tmp_path / "killed", *args) == 130
     assert not (tmp_path / "killed" / "final").exists()
     assert [p.name for p in loop.checkpoints(tmp_path / "killed")] == ["step_0000004"]
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
     assert train_cli(corpus, tmp_path / "killed", *args, "--resume", "--workers", 1) == 0
 
     whole = load_file(tmp_path / "whole" / "final" / "model.safetensors")
@@ -295,7 +288,6 @@ def test_rad_and_dcd_resume_exactly(corpus, tmp_path, monkeypatch):
         "rad": ["--block-size", 4],
         "dcd": ["--block-size", 4, "--distill-studies", 4, "--max-new-tokens", 8],
     }
-    real_save = loop.save_checkpoint
     for stage in ("rad", "dcd"):
         args = ["--stage", stage, "--init", init[stage], "--steps", 4, "--batch-size", 2, "--warmup", 1]
         args += ["--save-every", 2, *extra[stage]]
@@ -307,13 +299,8 @@ def test_rad_and_dcd_resume_exactly(corpus, tmp_path, monkeypatch):
 
         assert run(tmp_path / stage) == 0
 
-        def save_then_die(*a, **k):
-            real_save(*a, **k)
-            raise KeyboardInterrupt
-
-        monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
-        assert run(tmp_path / f"{stage}_killed") == 130
-        monkeypatch.setattr(loop, "save_checkpoint", real_save)
+        with killed_after_first_checkpoint(monkeypatch):
+            assert run(tmp_path / f"{stage}_killed") == 130
         assert run(tmp_path / f"{stage}_killed", "--resume") == 0
         a = load_file(tmp_path / stage / "final" / "model.safetensors")
         b = load_file(tmp_path / f"{stage}_killed" / "final" / "model.safetensors")

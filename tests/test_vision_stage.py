@@ -16,6 +16,7 @@ from echocxr.model.config import get_preset
 from echocxr.model.vlm import EchoVLM
 from echocxr.train import loop
 from echocxr.train.vision import CLASSES, is_pretrained, label_vector
+from helpers import killed_after_first_checkpoint
 
 NORMAL = ("The heart is normal in size. The lungs are clear.", "No acute disease.")
 ABNORMAL = ("The heart is enlarged. Large bilateral pleural effusions.", "Cardiomegaly and effusions.")
@@ -100,16 +101,9 @@ def test_resume_after_kill_is_exact(tmp_path, monkeypatch):
     args += ("--save-every", 3)
     assert vision_cli(corpus, tmp_path / "whole", *args) == 0
 
-    real_save = loop.save_checkpoint
-
-    def save_then_die(*a, **k):
-        real_save(*a, **k)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
-    assert vision_cli(corpus, tmp_path / "killed", *args) == 130
+    with killed_after_first_checkpoint(monkeypatch):
+        assert vision_cli(corpus, tmp_path / "killed", *args) == 130
     assert [p.name for p in loop.checkpoints(tmp_path / "killed")] == ["step_0000003"]
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
     assert vision_cli(corpus, tmp_path / "killed", *args, "--resume", "--workers", 1) == 0
 
     whole = load_file(tmp_path / "whole" / "final" / "model.safetensors")
