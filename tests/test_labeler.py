@@ -148,7 +148,10 @@ def test_macro_f1_on_real_archive(iu_archive):
     # Issue 14 target: >= 0.88 on the archive. Measured 2026-11-30 with the second-round rules
     # (docs/LABELER.md section 2): all 0.909, dev 0.915, held-out 0.873 (the 20% never read while
     # writing rules; below the 0.88 target, see the docs). Floors: measured less a small margin.
-    assert res["all"]["macro_f1"] >= 0.90
-    assert res["dev"]["macro_f1"] >= 0.91
+    # Issue 22 (2026-12-02) made alternatives ("atelectasis/airspace disease", "scarring or
+    # atelectasis") and "not well seen" uncertain, as CheXpert's rules have it, where the IU coders
+    # code every alternative present: all 0.901, dev 0.906, held-out 0.871 after it.
+    assert res["all"]["macro_f1"] >= 0.895
+    assert res["dev"]["macro_f1"] >= 0.90
     assert res["heldout"]["macro_f1"] >= 0.865
     assert score(reports[:50])["studies"] == sum(has_codes(r) for r in reports[:50])

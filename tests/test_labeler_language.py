@@ -268,12 +268,34 @@ def test_hypothetical_rule_keeps_real_findings_and_if_any():
         ("First rib fracture not well demonstrated on this study.", "fracture"),
         ("Small hiatal hernia is not as well demonstrated on this exam.", "hiatal_hernia"),
         ("5 mm nodule in the right upper lung, not well visualized on the lateral view.", "lung_lesion"),
-        ("Left basilar atelectasis, not fully evaluated on this portable film.", "atelectasis"),
+        ("PNEUMOTHORAX IS NOT WELL SEEN.", "pneumothorax"),
+        ("Pneumothorax is poorly visualized on this supine film.", "pneumothorax"),
+        ("The left effusion is not optimally seen on the portable view.", "pleural_effusion"),
     ],
 )
-def test_poorly_seen_finding_is_present(text, obs):
-    # "not well seen" says how well, not whether: a NegEx-style pseudo-negation
-    assert status(text, obs) == "positive"
+def test_poorly_seen_finding_is_a_hedge(text, obs):
+    # Issue 22 item 15 (replacing issue 14's "present"): "not well seen" says the finding cannot be
+    # judged on this film; it is uncertain, never positive.
+    assert status(text, obs) == "uncertain"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "PNEUMOTHORAX IS NOT WELL SEEN. No large pneumothorax.",
+        "No large pneumothorax. Pneumothorax is not well seen.",
+        "Apical pneumothorax not well visualized. No pneumothorax.",
+    ],
+)
+def test_poorly_seen_never_outranks_a_negative(text):
+    assert status(text, "pneumothorax") == "negative"
+
+
+def test_poorly_seen_loses_to_a_positive_and_limited_evaluation_stays_positive():
+    assert status("Small right pneumothorax. Apex not well seen.", "pneumothorax") == "positive"
+    assert status("Left basilar atelectasis, not fully evaluated on this portable film.", "atelectasis") == (
+        "positive"
+    )
 
 
 def test_not_seen_is_still_a_negation():
@@ -298,3 +320,90 @@ def test_other_hernias_are_no_hiatal_hernia(text):
 def test_hiatal_hernia_still_found():
     assert status("Large hiatal hernia.", "hiatal_hernia") == "positive"
     assert status("Retrocardiac hernia containing bowel gas.", "hiatal_hernia") == "positive"
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 22, items 14-17.
+
+
+@pytest.mark.parametrize(
+    ("text", "negatives"),
+    [
+        ("Heart and mediastinum normal.", ("cardiomegaly", "enlarged_cardiomediastinum")),
+        ("Heart, mediastinum and hila unremarkable.", ("cardiomegaly", "enlarged_cardiomediastinum")),
+        ("Heart size and pulmonary vascularity normal.", ("cardiomegaly", "edema")),
+        ("Heart and great vessels within normal limits.", ("cardiomegaly",)),
+        ("Lungs and pleural spaces clear.", ("lung_opacity", "consolidation", "pleural_effusion")),
+        ("Cardiomediastinal silhouette unremarkable.", ("cardiomegaly", "enlarged_cardiomediastinum")),
+        ("Mild scoliosis. Heart normal. Lungs clear.", ("cardiomegaly", "lung_opacity")),
+    ],
+)
+def test_verbless_normal_statement_denies_each_subject(text, negatives):
+    for obs in negatives:
+        assert status(text, obs) == "negative", obs
+
+
+def test_verbless_normal_does_not_deny_a_finding_stated_beside_it():
+    assert status("Heart enlarged and lungs clear.", "cardiomegaly") == "positive"
+    assert status("Heart and mediastinum normal. Cardiomegaly.", "cardiomegaly") == "positive"
+
+
+@pytest.mark.parametrize(
+    ("text", "certain", "alternatives"),
+    [
+        ("Bibasilar opacities, atelectasis versus pneumonia.", "lung_opacity", ("atelectasis", "pneumonia")),
+        ("Right base opacity, atelectasis vs. pneumonia.", "lung_opacity", ("atelectasis", "pneumonia")),
+        ("Left basilar opacity, atelectasis vs pneumonia.", "lung_opacity", ("atelectasis", "pneumonia")),
+        (
+            "Patchy opacity at the left base, atelectasis or pneumonia.",
+            "lung_opacity",
+            ("atelectasis", "pneumonia"),
+        ),
+        (
+            "Left lower lobe atelectasis/consolidation. Cardiomegaly.",
+            "cardiomegaly",
+            ("atelectasis", "consolidation"),
+        ),
+        (
+            "Bibasilar atelectasis and/or infiltrate. Small left effusion.",
+            "pleural_effusion",
+            ("atelectasis", "consolidation"),
+        ),
+    ],
+)
+def test_alternatives_are_uncertain_and_the_rest_certain(text, certain, alternatives):
+    assert status(text, certain) == "positive"
+    for obs in alternatives:
+        assert status(text, obs) == "uncertain", obs
+
+
+def test_slash_between_synonyms_or_devices_is_no_alternative():
+    assert status("Aortic ectasia/tortuosity.", "aortic_abnormality") == "positive"
+    assert status("Lines/tubes in standard position.", "support_devices") == "positive"
+    assert status("Atelectasis or less likely pneumonia.", "atelectasis") == "positive"
+
+
+@pytest.mark.parametrize(
+    ("text", "obs"),
+    [
+        ("Without significant change in the right pleural effusion.", "pleural_effusion"),
+        ("No suspicious change in the left upper lobe nodule.", "lung_lesion"),
+        ("No interval change of the cardiomegaly.", "cardiomegaly"),
+        ("Not significantly changed right pleural effusion.", "pleural_effusion"),
+        ("Without interval progression of the bibasilar atelectasis.", "atelectasis"),
+        ("No appreciable difference in the left basilar consolidation.", "consolidation"),
+        ("No worrisome interval change of the right upper lobe nodule.", "lung_lesion"),
+        ("The left pleural effusion has not changed.", "pleural_effusion"),
+        ("Right pleural effusion, without change.", "pleural_effusion"),
+        ("No definite improvement in the pulmonary edema.", "edema"),
+    ],
+)
+def test_negated_change_keeps_the_finding_present(text, obs):
+    assert status(text, obs) == "positive"
+
+
+def test_negated_change_rule_keeps_real_negations():
+    assert status("No pneumothorax or interval change.", "pneumothorax") == "negative"
+    assert status("No increased opacity.", "lung_opacity") == "negative"
+    assert status("No change. No pleural effusion.", "pleural_effusion") == "negative"
+    assert status("No effusion, no change in the heart size.", "pleural_effusion") == "negative"

@@ -365,9 +365,31 @@ PSEUDO_NEG = (
     rf"\bnot\b(?: (?:been|{_CHANGE_QUALIFIERS}))* (?:changed|worse|worsened|progressed|grown|different)\b",
     r"\bno (?:worse|bigger|larger)\b",
     r"\bnot only\b|\bnot otherwise\b",
-    # "not well seen / not as well demonstrated / not fully evaluated": seen poorly, not absent
-    r"\bnot (?:as |so |very )?(?:well|optimally|completely|fully)\b(?= (?:seen|demonstrated|"
-    r"visuali[sz]ed|evaluated|appreciated|assessed|identified|imaged|delineated|defined)\b)",
+    # "not fully evaluated / not well assessed": the finding is stated, its assessment limited
+    r"\bnot (?:as |so |very )?(?:well|optimally|completely|fully)\b(?= (?:evaluated|assessed)\b)",
+)
+# Pseudo-negations by grammar (item 17 of issue 22): a negation cue, at most four modifier words
+# that name no finding, then a change-word, so the finding is the change's object ("without
+# significant change in X", "no suspicious change in X", "no interval change of the X", "not
+# significantly changed X", "X has not changed"). After "no"/"without" the change-word is a noun
+# ("no increased density" denies the density); after "not" a participle or comparative.
+_NEG_CUE_BEFORE_CHANGE = re.compile(r"\b(?:no|not|without|nor|never)\b")
+_CHANGE_NOUN = re.compile(
+    r"(?:changes?|increases?|decreases?|worsening|progression|difference|differences|growth|"
+    r"improvement|evolution|enlargement in size|increase in size|deterioration|alteration)$"
+)
+_CHANGE_PARTICIPLE = re.compile(
+    r"(?:changed|worse|worsened|progressed|grown|different|improved|altered|evolved|deteriorated)$"
+)
+# Non-visualisation (item 15 of issue 22): "X is not well seen" says X cannot be judged, not that X
+# is there. The mention is uncertain, and weaker than any other mention of X in the report: "No large
+# pneumothorax" outranks "pneumothorax is not well seen".
+POORLY_SEEN = (
+    r"\bnot (?:as |so |very |particularly )?(?:well|optimally|completely|fully|adequately)"
+    r"(?: (?:seen|demonstrated|visuali[sz]ed|appreciated|identified|imaged|delineated|defined|depicted|"
+    r"shown|profiled))",
+    r"\bpoorly (?:seen|demonstrated|visuali[sz]ed|appreciated|delineated|defined|depicted)",
+    r"\b(?:seen|visuali[sz]ed|demonstrated) poorly\b",
 )
 # Negation and hedges against a finding. Forward triggers (NegEx "pre-negation"; CheXpert
 # "negation" rules, Irvin et al. 2019) negate mentions after them in their scope; `POST_NEG` ones
@@ -426,7 +448,6 @@ UNCERTAIN = (
     r"excluded|ruled out|eliminated)",
     r"can not be excluded|not (?:be )?excluded|not ruled out|difficult to exclude|"
     r"(?:cannot|can't) exclude",
-    r"\bversus\b|\bvs\b\.?",
     r"question\w*",
     r"\bquery\b",
     r"suspicio\w+",
@@ -435,8 +456,6 @@ UNCERTAIN = (
     r"suggest\w* (?:the )?(?:possibility|differential)",
     r"\bequivocal\b",
     r"(?<!age-)(?<!age )indeterminate",  # an "age-indeterminate fracture" is a fracture
-    r"\bor\b (?:early |developing |superimposed )?(?:pneumonia|infection|atelectasis|"
-    r"consolidation|scar\w*|edema|effusion)",
     r"not (?:entirely )?(?:certain|sure|clear)",
     r"\buncertain\b",
     r"\bunclear\b",
@@ -453,6 +472,49 @@ FWD_UNCERTAIN = (
     r"\bprobable\b",
     r"differential",  # "most suggestive of edema, differential includes infection"
 )
+# Alternatives (item 16 of issue 22; the CheXpert labeler's "versus" / "or" uncertainty rules): the
+# findings offered as alternatives ("atelectasis versus pneumonia", "atelectasis vs. pneumonia",
+# "effusion or atelectasis", "atelectasis/consolidation") are uncertain, each of them; a finding in
+# the same clause that is not one of the alternatives keeps its own status ("Bibasilar opacities,
+# atelectasis versus pneumonia": the opacities are certain). A mention is an alternative when the
+# operator follows it within four words, or precedes it within three, with no comma in between.
+_ALT_OP = r"(?:\bversus\b|\bvs\b\.?|\band/or\b|\bor\b|/)"
+# "Atelectasis or less likely pneumonia" argues against the second: the first is no alternative.
+_ALT_AFTER = re.compile(
+    rf"^(?:\s+[\w-]+){{0,4}}?\s*{_ALT_OP}\s*(?!less likely|unlikely|not\b|much less)((?:[\w-]+ ?){{1,4}})"
+)
+_ALT_BEFORE = re.compile(rf"((?:[\w-]+ ?){{1,4}}?)\s*{_ALT_OP}\s*(?:[\w-]+\s+){{0,3}}$")
+# Verbless and coordinated normal statements (item 14 of issue 22): "Heart and mediastinum normal.",
+# "Heart, mediastinum and hila unremarkable.", "Lungs and pleural spaces clear." Each subject of the
+# list that names an organ with an observation denies that observation.
+_NORMAL_SUBJECTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (r"(?:heart|cardiac)(?: size| silhouette| shadow| contours?)*", ("cardiomegaly",)),
+    (
+        r"cardiomediastinal(?: silhouette| contours?| size)*|cardiomediastinum",
+        ("cardiomegaly", "enlarged_cardiomediastinum"),
+    ),
+    (r"mediastinum|mediastinal(?: silhouette| contours?| width| size)*", ("enlarged_cardiomediastinum",)),
+    (
+        r"lungs?(?: fields| parenchyma)?|lung parenchyma|pulmonary parenchyma",
+        ("lung_opacity", "consolidation"),
+    ),
+    (r"pleura|pleural (?:spaces?|surfaces?)", ("pleural_effusion", "pneumothorax")),
+    (r"costophrenic (?:angles?|sulci|recesses)", ("pleural_effusion",)),
+    (r"(?:pulmonary )?vascularity|pulmonary vasculature|pulmonary vessels|vascular markings", ("edema",)),
+)
+_OTHER_SUBJECTS = (
+    r"great vessels|hila|hilar (?:contours?|structures?|regions?)|hilum|trachea|airways?|bones|bony thorax|"
+    r"osseous structures|soft tissues|(?:hemi)?diaphragms?|aorta|thoracic aorta"
+)
+_SUBJECT = "|".join([*(p for p, _ in _NORMAL_SUBJECTS), _OTHER_SUBJECTS])
+_NORMAL_LIST_RE = re.compile(
+    rf"(?<![\w-])(?:the )?(?:{_SUBJECT})(?:(?:,| and|, and| &| as well as) (?:the )?(?:{_SUBJECT}))*"
+    r" (?:(?:is|are|appears?|remains?|was|were|looks?|seems?) )?(?:grossly |otherwise |overall |again |"
+    r"essentially |stably |all |both )*(?:normal|unremarkable|clear|within normal limits|"
+    r"not enlarged)\b"
+)
+_NORMAL_SUBJECT_RE = [(re.compile(rf"(?<![\w-])(?:{p})(?![\w-])"), obs) for p, obs in _NORMAL_SUBJECTS]
+
 # Hypothetical mentions (ConText's "hypothetical" category, Harkema et al. 2009): a finding named as
 # the object of a search or a condition ("CT is more sensitive in detecting small nodules", "if
 # there is concern for fracture, consider rib films", "further evaluation ... to identify a small
@@ -596,6 +658,8 @@ _POST_NEG_RE = re.compile(r"^\s*(?:[\w/-]+ ){0,4}?(?:" + "|".join(f"(?:{p})" for
 _UNCERTAIN_RE = _compile(UNCERTAIN)
 _FWD_UNCERTAIN_RE = _compile(FWD_UNCERTAIN)
 _HYPOTHETICAL_RE = _compile(HYPOTHETICAL)
+_POORLY_SEEN_RE = _compile(POORLY_SEEN)
+_ANY_MENTION_RE = _compile(tuple(p for ps in MENTIONS.values() for p in ps))
 _IF_RE = re.compile(HYPOTHETICAL[0])
 _SEVERITY_RE = [(re.compile(p), s) for p, s in _SEVERITY]
 _ZONE_RE = [(re.compile(p), z) for p, z in _ZONES]
@@ -609,6 +673,7 @@ class Mention:
     clause: str
     start: int  # span of the mention in the clause
     end: int
+    weak: bool = False  # a non-visualisation hedge: loses to every other mention of the observation
 
 
 def clean(text: str) -> str:
@@ -616,6 +681,7 @@ def clean(text: str) -> str:
     t = text.lower().replace("x-xxxx", "x-ray")
     t = re.sub(r"x{3,}", "xxxx", t)
     t = re.sub(r"(?:xxxx[ ,]*){2,}", "xxxx ", t)
+    t = re.sub(r"\bvs\.", "vs", t)  # "atelectasis vs. pneumonia" is one sentence
     return re.sub(r"\s+", " ", t).strip()
 
 
@@ -651,26 +717,77 @@ def _mask(rx: re.Pattern, text: str) -> str:
     return rx.sub(lambda m: "_" * len(m.group()), text)
 
 
-def _status(clause: str, start: int, end: int) -> str:
-    """Status of the mention at clause[start:end], in the order of the CheXpert labeler's stages.
+def _mask_change_negations(clause: str) -> str:
+    """Mask each negation cue that denies a change rather than a finding (`_CHANGE_NOUN`,
+    `_CHANGE_PARTICIPLE`): the cue, at most four words that name no finding, then the change-word."""
+    out = clause
+    for cue in _NEG_CUE_BEFORE_CHANGE.finditer(clause):
+        words = list(re.finditer(r"[\w-]+", clause[cue.end() :]))[:5]
+        for k, w in enumerate(words):
+            between = clause[cue.end() : cue.end() + w.start()]
+            if "," in between or re.search(r"\b(?:or|and|nor)\b", between) or _ANY_MENTION_RE.search(between):
+                break
+            change = _CHANGE_NOUN if cue.group() in ("no", "without", "nor") else _CHANGE_PARTICIPLE
+            if change.match(w.group()) and (w.group() != "changes" or k + 1 < len(words)):
+                stop = cue.end() + w.end()
+                out = out[: cue.start()] + "_" * (stop - cue.start()) + out[stop:]
+                break
+            if _ANY_MENTION_RE.match(w.group()):
+                break
+    return out
+
+
+def pseudo_masked(clause: str) -> str:
+    """The clause with its pseudo-negations masked: NegEx's phrases (`PSEUDO_NEG`) and the negated
+    changes (`_mask_change_negations`), so the finding a change is about keeps its own status."""
+    return _mask_change_negations(_mask(_PSEUDO_NEG_RE, clause))
+
+
+def _status(clause: str, start: int, end: int) -> tuple[str, bool]:
+    """(status, weak) of the mention at clause[start:end], in the order of the CheXpert labeler's stages.
 
     1. Pre-negation uncertainty (CheXpert; NegEx pseudo-triggers): "cannot exclude", "not ruled
-       out" are uncertainty and "no interval change in" is no negation, so their negation words are
-       masked first.
+       out" are uncertainty, "no interval change in" and "not well seen" are no negation, so their
+       negation words are masked first (`pseudo_masked`, `POORLY_SEEN`).
     2. Negation: a forward trigger whose scope reaches the mention (`PRE_NEG`, `_negated_before`), a
        backward one within four words after it (`POST_NEG`: "has resolved", "is unlikely"), or a
        negation word inside the mention itself ("heart is not enlarged") -> "negative".
-    3. Post-negation uncertainty: an uncertainty trigger anywhere in the clause -> "uncertain".
+    3. Non-visualisation ("X is not well seen") -> "uncertain", weak (see `label_report`).
+    4. Post-negation uncertainty: an uncertainty trigger anywhere in the clause -> "uncertain".
     Otherwise "positive". The clause is a scope: callers cut it at scope breakers and explanations.
     """
-    masked = _mask(_PSEUDO_NEG_RE, _mask(_UNCERTAIN_RE, clause))
+    masked = _mask(_POORLY_SEEN_RE, pseudo_masked(_mask(_UNCERTAIN_RE, clause)))
     tail = masked[end:]
     inside = re.search(r"\b(?:not|no|without)\b", masked[start:end])  # "heart is not enlarged"
     if inside or _negated_before(masked, start) or _POST_NEG_RE.match(tail):
-        return "negative"
-    if _UNCERTAIN_RE.search(clause) or _FWD_UNCERTAIN_RE.search(clause[:start]):
-        return "uncertain"
-    return "positive"
+        return "negative", False
+    if _POORLY_SEEN_RE.search(clause):
+        return "uncertain", True
+    hedges = pseudo_masked(clause)  # "no suspicious change in X": the hedge word is the change's
+    if _UNCERTAIN_RE.search(hedges) or _FWD_UNCERTAIN_RE.search(hedges[:start]):
+        return "uncertain", False
+    return "positive", False
+
+
+def _alternative(obs: str, blanked: str, start: int, end: int) -> bool:
+    """True when the mention of `obs` at blanked[start:end] is offered as an alternative: "versus",
+    "vs", "or", "and/or" or a slash within four words after it or three before it, no comma between
+    (`_ALT_AFTER`, `_ALT_BEFORE`). Two names of one observation ("nodule or mass",
+    "ectasia/tortuosity") are no alternatives. A slash makes alternatives of two findings of the
+    vocabulary only ("atelectasis/consolidation"); "scarring/atelectasis" reads as coexisting."""
+    for m in (_ALT_AFTER.match(blanked[end:]), _ALT_BEFORE.search(blanked[:start])):
+        if m is None or "," in m.group():
+            continue
+        partner = m.group(1)
+        # the mention's own modifiers apply to the partner: "aortic tortuosity or calcification"
+        head = " ".join(blanked[:start].split()[-2:])
+        if _MENTION_RE[obs].search(partner) or _MENTION_RE[obs].search(f"{head} {partner}"):
+            continue
+        slash_only = "/" in m.group() and not re.search(r"\b(?:or|vs|versus)\b", m.group())
+        if slash_only and not any(rx.search(partner) for rx in _MENTION_RE.values()):
+            continue
+        return True
+    return False
 
 
 def _explanation(clause: str) -> tuple[int, str]:
@@ -729,14 +846,20 @@ def _sentence_mentions(sent: str) -> tuple[Mention, ...]:
                 if m.end() <= cut:
                     if explanation and explained_away(obs, explanation):
                         continue
-                    st = _status(clause[:cut], m.start(), m.end())
+                    st, weak = _status(clause[:cut], m.start(), m.end())
                 else:
-                    st = _status(clause, m.start(), m.end())
-                found.append(Mention(obs, st, clause, m.start(), m.end()))
+                    st, weak = _status(clause, m.start(), m.end())
+                if st == "positive" and _alternative(obs, blanked, m.start(), m.end()):
+                    st = "uncertain"
+                found.append(Mention(obs, st, clause, m.start(), m.end(), weak))
         conditional = conditional or bool(_IF_RE.search(clause))
     for obs, rx in _NORMAL_RE.items():
         for m in rx.finditer(sent):
             found.append(Mention(obs, "negative", sent, m.start(), m.end()))
+    for m in _NORMAL_LIST_RE.finditer(sent):
+        for rx, observations in _NORMAL_SUBJECT_RE:
+            if rx.search(m.group()):
+                found.extend(Mention(o, "negative", sent, m.start(), m.end()) for o in observations)
     return tuple(found)
 
 
@@ -779,19 +902,23 @@ def _attributes(obs: str, clause: str) -> dict:
     return {k: v for k, v in attrs.items() if v is not None}
 
 
+def _rank(m: Mention) -> int:
+    return -1 if m.weak else _STATUS_RANK[m.status]
+
+
 def label_report(text: str) -> Findings:
     """Observations the text mentions, each positive / negative / uncertain with its attributes."""
     best: dict[str, Mention] = {}
     for m in mentions(text):
         cur = best.get(m.observation)
-        if cur is None or _STATUS_RANK[m.status] > _STATUS_RANK[cur.status]:
+        if cur is None or _rank(m) > _rank(cur):
             best[m.observation] = m
     findings: Findings = {}
     for obs, m in best.items():
         # Severity words inside the mention ("the heart is large") name the finding, not its grade.
         # Nor do the words of a pseudo-negation ("no significant change in the small effusion").
         clause = m.clause[: m.start] + m.clause[m.start : m.end].replace("large", "") + m.clause[m.end :]
-        clause = _mask(_PSEUDO_NEG_RE, clause)
+        clause = pseudo_masked(clause)
         attrs = _attributes(obs, clause) if m.status != "negative" else {}
         findings[obs] = Finding(obs, m.status, **attrs)
     abnormal = any(f.status != "negative" for o, f in findings.items() if o != "support_devices")
