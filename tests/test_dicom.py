@@ -207,3 +207,167 @@ def test_jpeg2000_dicom_reads_exactly(tmp_path):
     assert back.file_meta.TransferSyntaxUID == JPEG2000Lossless
     assert np.array_equal(back.pixel_array, RAMP)
     assert np.array_equal(_load(tmp_path / "j2k.dcm")[0], _load(tmp_path / "plain.dcm")[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The display pipeline (issue 22, items 9-13): padding, VOI LUT and VOILUTFunction, Presentation
+# LUT Shape, a missing PhotometricInterpretation, every failure as one line.
+
+
+def _padded(border_value=4095, width_frac=0.15) -> np.ndarray:
+    """RAMP inside a border of `border_value` (a scalar or an array giving each border pixel) about
+    `width_frac` of each side wide: what a detector writes outside the collimated field."""
+    b = max(1, round(width_frac * W))
+    out = np.empty((H + 2 * b, W + 2 * b), dtype=np.int64)
+    out[...] = border_value if np.isscalar(border_value) else border_value[: out.shape[0], : out.shape[1]]
+    out[b : b + H, b : b + W] = RAMP
+    return out, b
+
+
+@pytest.mark.parametrize(
+    "tags",
+    [
+        {},  # the percentile window: padding takes no part in the statistics
+        {"WindowCenter": 2000, "WindowWidth": 3000},
+        {"PhotometricInterpretation": "MONOCHROME1"},  # border stays black after the inversion
+        {"PresentationLUTShape": "INVERSE"},
+    ],
+)
+def test_pixel_padding_is_excluded_and_black(tmp_path, tags):
+    padded, b = _padded()
+    write_dicom(tmp_path / "pad.dcm", padded, tags={"PixelPaddingValue": 4095, **tags})
+    write_dicom(tmp_path / "crop.dcm", RAMP, tags=tags)
+    img, warned = _load(tmp_path / "pad.dcm")
+    twin = _load(tmp_path / "crop.dcm")[0]
+    assert warned == []
+    assert np.array_equal(img[b : b + H, b : b + W], twin)  # the anatomy as if cropped
+    border = np.ones(img.shape, bool)
+    border[b : b + H, b : b + W] = False
+    assert (img[border] == 0).all()
+
+
+def test_pixel_padding_range_limit(tmp_path):
+    rng = np.random.default_rng(0)
+    padded, b = _padded(rng.integers(4090, 4096, (200, 200)))
+    write_dicom(
+        tmp_path / "pad.dcm", padded, tags={"PixelPaddingValue": 4095, "PixelPaddingRangeLimit": 4090}
+    )
+    write_dicom(tmp_path / "crop.dcm", RAMP)
+    img = _load(tmp_path / "pad.dcm")[0]
+    assert np.array_equal(img[b : b + H, b : b + W], _load(tmp_path / "crop.dcm")[0])
+    assert img[:b].max() == 0 and img[-b:].max() == 0
+
+
+def _voi_lut_item(lut: np.ndarray, bits: int, first: int = 0):
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.add_new(0x00283002, "US", [len(lut) if len(lut) < 65536 else 0, first, bits])  # LUTDescriptor
+    item.add_new(0x00283006, "US", [int(v) for v in lut])  # LUTData
+    return item
+
+
+def test_voi_lut_sequence_scaled_by_its_output_range(tmp_path):
+    from pydicom.pixels import apply_voi_lut
+
+    # A gamma curve whose output spans only 600..3400 of its 12 bits: the LUT's range, not the
+    # image's own min..max, maps to black..white (before: stretched, 26.6 grey levels off).
+    x = np.arange(4096)
+    lut = (600 + 2800 * (x / 4095) ** 0.7).round().astype(int)
+    write_dicom(tmp_path / "lut.dcm", RAMP, tags={"VOILUTSequence": [_voi_lut_item(lut, 12)]})
+    img, warned = _load(tmp_path / "lut.dcm")
+    ds = pydicom.dcmread(tmp_path / "lut.dcm")
+    reference = apply_voi_lut(ds.pixel_array, ds).astype(float) * 255 / 4095
+    assert warned == [] and np.abs(img - reference).max() <= 1
+    assert img.min() >= 600 * 255 / 4095 - 1 and img.max() <= 3400 * 255 / 4095 + 1
+
+
+def _standard_window(x, c, w, function):
+    """PS3.3 C.11.2.1.2.1 / C.11.2.1.3.1 / C.11.2.1.3.2 written out, ymin 0 and ymax 255."""
+    x = x.astype(float)
+    if function == "LINEAR":
+        y = ((x - (c - 0.5)) / (w - 1) + 0.5) * 255
+        return np.where(x <= c - 0.5 - (w - 1) / 2, 0, np.where(x > c - 0.5 + (w - 1) / 2, 255, y))
+    if function == "LINEAR_EXACT":
+        y = ((x - c) / w + 0.5) * 255
+        return np.where(x <= c - w / 2, 0, np.where(x > c + w / 2, 255, y))
+    return 255 / (1 + np.exp(-4 * (x - c) / w))
+
+
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+@pytest.mark.parametrize(("c", "w"), [(2000, 1000), (1500.5, 40), (3000, 4000)])
+def test_voi_lut_function_follows_the_standard(tmp_path, function, c, w):
+    tags = {"WindowCenter": c, "WindowWidth": w}
+    if function != "LINEAR":
+        tags["VOILUTFunction"] = function
+    write_dicom(tmp_path / "f.dcm", RAMP, tags=tags)
+    img, warned = _load(tmp_path / "f.dcm")
+    assert warned == []
+    assert np.abs(img - _standard_window(RAMP, c, w, function)).max() <= 0.5 + 1e-9
+
+
+def test_sigmoid_differs_from_linear(tmp_path):
+    write_dicom(tmp_path / "lin.dcm", RAMP, tags={"WindowCenter": 2000, "WindowWidth": 1000})
+    write_dicom(
+        tmp_path / "sig.dcm",
+        RAMP,
+        tags={"WindowCenter": 2000, "WindowWidth": 1000, "VOILUTFunction": "SIGMOID"},
+    )
+    assert np.abs(_load(tmp_path / "lin.dcm")[0] - _load(tmp_path / "sig.dcm")[0]).max() > 20
+
+
+def test_presentation_lut_shape_inverse(tmp_path):
+    write_dicom(tmp_path / "m2.dcm", RAMP)
+    write_dicom(tmp_path / "m2inv.dcm", RAMP, tags={"PresentationLUTShape": "INVERSE"})
+    write_dicom(tmp_path / "m2id.dcm", RAMP, tags={"PresentationLUTShape": "IDENTITY"})
+    write_dicom(tmp_path / "m1.dcm", RAMP, tags={"PhotometricInterpretation": "MONOCHROME1"})
+    write_dicom(
+        tmp_path / "m1inv.dcm",
+        RAMP,
+        tags={"PhotometricInterpretation": "MONOCHROME1", "PresentationLUTShape": "INVERSE"},
+    )
+    m2 = _load(tmp_path / "m2.dcm")[0]
+    assert np.array_equal(_load(tmp_path / "m2inv.dcm")[0], 255 - m2)  # MONOCHROME2 + INVERSE: inverted
+    assert np.array_equal(_load(tmp_path / "m2id.dcm")[0], m2)
+    # Policy: MONOCHROME1 + INVERSE is the DX IOD's own pairing (PS3.3 C.8.11.7): one inversion.
+    assert np.array_equal(_load(tmp_path / "m1.dcm")[0], 255 - m2)
+    assert np.array_equal(_load(tmp_path / "m1inv.dcm")[0], 255 - m2)
+
+
+def test_missing_photometric_interpretation_reads_as_monochrome2(tmp_path):
+    write_dicom(tmp_path / "m2.dcm", RAMP)
+    ds = pydicom.dcmread(tmp_path / "m2.dcm")
+    del ds.PhotometricInterpretation
+    ds.save_as(tmp_path / "nopi.dcm")
+    img, warned = _load(tmp_path / "nopi.dcm")
+    assert len(warned) == 1 and "nopi.dcm" in warned[0] and "MONOCHROME2" in warned[0]
+    assert np.array_equal(img, _load(tmp_path / "m2.dcm")[0])
+
+
+def test_malformed_voi_lut_is_one_line_naming_the_file(tmp_path):
+    from echocxr.data.images import load_image_bytes
+    from echocxr.errors import UserError
+    from echocxr.serve.images import decode_upload
+
+    lut = _voi_lut_item(np.arange(4096), 12)
+    lut.LUTDescriptor = [4096, 0]  # two values: malformed (PS3.3 C.11.2.1.1 needs three)
+    write_dicom(tmp_path / "badlut.dcm", RAMP, tags={"VOILUTSequence": [lut]})
+    with pytest.raises(UserError, match="badlut.dcm") as e:
+        load_image(tmp_path / "badlut.dcm")
+    assert "\n" not in str(e.value)
+    data = (tmp_path / "badlut.dcm").read_bytes()
+    with pytest.raises(UserError, match="upload.dcm"):
+        load_image_bytes(data, "upload.dcm")
+    # The server answers a UserError with a 400 (serve/app.py's exception handler), not a 500.
+    with pytest.raises(UserError, match="upload.dcm"):
+        decode_upload(data, "upload.dcm", max_side=10000)
+
+
+def test_lut_data_shorter_than_its_descriptor_is_one_line(tmp_path):
+    from echocxr.errors import UserError
+
+    lut = _voi_lut_item(np.arange(100), 12)
+    lut.LUTDescriptor = [4096, 0, 12]  # claims 4096 entries, holds 100
+    write_dicom(tmp_path / "short.dcm", RAMP, tags={"VOILUTSequence": [lut]})
+    with pytest.raises(UserError, match="short.dcm"):
+        load_image(tmp_path / "short.dcm")

@@ -42,8 +42,9 @@ _VIEW = {"pa": "frontal", "ap": "frontal", "frontal": "frontal", "lateral": "lat
 
 
 class ImageWarning(UserWarning):
-    """A file was read through a documented fallback (unusable DICOM window or rescale values,
-    extra frames ignored). The message names the file and the fallback."""
+    """A file was read through a documented fallback (unusable DICOM window or rescale values, an
+    unknown VOILUTFunction, no PhotometricInterpretation, extra frames ignored). The message names
+    the file and the fallback."""
 
 
 def _one_line(e: Exception) -> str:
@@ -88,19 +89,50 @@ def _dicom_number(ds, keyword: str) -> tuple[bool, float | None, str]:
     return True, (number if math.isfinite(number) else None), text
 
 
-def _dicom_gray(ds, raw: np.ndarray, name: str) -> np.ndarray:
-    """Stored values [H, W] -> display values uint8 [H, W]: rescale (modality LUT), window (VOI),
-    MONOCHROME1 inversion. Unusable window or rescale values -> percentile window, one warning."""
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+def _padding_mask(ds, raw: np.ndarray) -> np.ndarray | None:
+    """[H, W] bool of the stored values that are padding (PS3.3 C.7.5.1.1.2): equal to
+    PixelPaddingValue, or between it and PixelPaddingRangeLimit inclusive; None without padding."""
+    if ds.get("PixelPaddingValue") is None:
+        return None
+    a = int(ds.PixelPaddingValue)
+    b = int(ds.PixelPaddingRangeLimit) if ds.get("PixelPaddingRangeLimit") is not None else a
+    mask = (raw >= min(a, b)) & (raw <= max(a, b))
+    return mask if mask.any() and not mask.all() else None  # all padding: nothing left to exclude
 
-    values = {
-        kw: _dicom_number(ds, kw)
-        for kw in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth")
-    }
+
+VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
+
+
+def window(x: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """Values -> display values in 0..255 (float) by a VOI window with ymin 0 and ymax 255:
+    LINEAR (PS3.3 C.11.2.1.2.1), SIGMOID (C.11.2.1.3.1) or LINEAR_EXACT (C.11.2.1.3.2)."""
+    x = np.asarray(x, dtype=np.float64)
+    if function == "SIGMOID":
+        return 255.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+    if function == "LINEAR_EXACT":
+        return np.clip(((x - center) / width + 0.5) * 255.0, 0.0, 255.0)
+    if width <= 1:  # LINEAR with width 1: a threshold at c - 0.5
+        return np.where(x > center - 0.5, 255.0, 0.0)
+    return np.clip(((x - (center - 0.5)) / (width - 1) + 0.5) * 255.0, 0.0, 255.0)
+
+
+def _voi_lut(ds, pixels: np.ndarray) -> np.ndarray:
+    """The first VOI LUT Sequence item applied (pydicom's `apply_voi`), scaled from the LUT's own
+    output range 0..2^bits-1 (its LUTDescriptor's third value, PS3.3 C.11.2.1.1) onto 0..255 (float)."""
+    from pydicom.pixels.processing import apply_voi
+
+    bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+    out = np.asarray(apply_voi(pixels, ds, index=0), dtype=np.float64)
+    top = float(2**bits - 1)
+    if out.max(initial=0) > top:  # a descriptor that understates its data (seen in the wild)
+        top = float(2 ** int(np.ceil(np.log2(out.max() + 1))) - 1)
+    return out * (255.0 / top)
+
+
+def _window_problems(values: dict, function: str) -> list[str]:
+    """What makes the rescale or window values unusable (empty list when they are usable)."""
     problems = [f"{kw} {text!r}" for kw, (present, v, text) in values.items() if present and v is None]
-    slope, intercept = values["RescaleSlope"][1], values["RescaleIntercept"][1]
-    center, width = values["WindowCenter"][1], values["WindowWidth"][1]
-    if slope == 0:
+    if values["RescaleSlope"][1] == 0:
         problems.append("RescaleSlope 0")
     if values["WindowCenter"][0] != values["WindowWidth"][0]:
         problems.append(
@@ -108,8 +140,33 @@ def _dicom_gray(ds, raw: np.ndarray, name: str) -> np.ndarray:
             if values["WindowCenter"][0]
             else "a window width without a centre"
         )
-    if width is not None and width < 1:  # PS3.3 C.11.2.1.2.1: Window Width >= 1
-        problems.append(f"WindowWidth {values['WindowWidth'][2]!r} below 1")
+    width = values["WindowWidth"][1]
+    # Window Width >= 1 for LINEAR (PS3.3 C.11.2.1.2.1), > 0 for LINEAR_EXACT and SIGMOID (C.11.2.1.3)
+    if width is not None and (width < 1 if function == "LINEAR" else width <= 0):
+        limit = "below 1" if function == "LINEAR" else f"not above 0 ({function})"
+        problems.append(f"WindowWidth {values['WindowWidth'][2]!r} {limit}")
+    return problems
+
+
+def _dicom_gray(ds, raw: np.ndarray, name: str) -> np.ndarray:
+    """Stored values [H, W] -> display values uint8 [H, W] in the MONOCHROME2 sense (bright bone), by
+    the standard's grayscale pipeline (docs/IMAGES.md): modality LUT (PS3.3 C.11.1), pixel padding
+    (C.7.5.1.1.2), VOI window or LUT (C.11.2), MONOCHROME1 (C.7.6.3.1.2), Presentation LUT Shape
+    (C.11.6). Unusable window or rescale values -> percentile window, one warning."""
+    from pydicom.pixels import apply_modality_lut
+
+    values = {
+        kw: _dicom_number(ds, kw)
+        for kw in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth")
+    }
+    function = str(ds.get("VOILUTFunction", "") or "LINEAR").strip().upper()
+    if function not in VOI_FUNCTIONS:
+        warnings.warn(
+            f"{name}: unknown VOILUTFunction {function!r}; using LINEAR", ImageWarning, stacklevel=4
+        )
+        function = "LINEAR"
+    problems = _window_problems(values, function)
+    pad = _padding_mask(ds, raw)
     if problems:
         # Window values are in rescaled units, so neither can be trusted without the other.
         lo_pct, hi_pct = PERCENTILE_WINDOW
@@ -120,54 +177,65 @@ def _dicom_gray(ds, raw: np.ndarray, name: str) -> np.ndarray:
             stacklevel=4,
         )
         pixels = raw.astype(np.float64)
-        lo, hi = _percentile_window(pixels)
+        display = _stretch(pixels, *_percentile_window(pixels if pad is None else pixels[~pad]))
     else:
+        slope, intercept = values["RescaleSlope"][1], values["RescaleIntercept"][1]
+        center, width = values["WindowCenter"][1], values["WindowWidth"][1]
         if values["RescaleSlope"][0] or values["RescaleIntercept"][0]:
             pixels = raw.astype(np.float64) * (1.0 if slope is None else slope) + (intercept or 0.0)
         else:  # a Modality LUT Sequence, or nothing (identity)
             pixels = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
         if center is not None and width is not None:
-            lo, hi = center - width / 2, center + width / 2
-        elif "VOILUTSequence" in ds:
-            pixels = np.asarray(apply_voi_lut(pixels, ds), dtype=np.float64)
-            lo, hi = float(pixels.min()), float(pixels.max())
-        else:
-            lo, hi = _percentile_window(pixels)
-    img = _to_uint8(pixels, lo, hi)
-    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        img = 255 - img  # MONOCHROME1 stores bright air: invert so bone is bright as usual
+            display = window(pixels, center, width, function)
+        elif "VOILUTSequence" in ds and len(ds.VOILUTSequence):
+            display = _voi_lut(ds, pixels)
+        else:  # padding takes no part in the statistics (it would pull the window towards itself)
+            display = _stretch(pixels, *_percentile_window(pixels if pad is None else pixels[~pad]))
+    img = np.clip(display, 0, 255).round().astype(np.uint8)
+    # MONOCHROME1 stores bright air; INVERSE asks for the output inverted. The DX IOD (PS3.3
+    # C.8.11.7) pairs MONOCHROME1 with INVERSE: both name the one inversion, which is done once.
+    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+    if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1" or shape == "INVERSE":
+        img = 255 - img
+    if pad is not None:
+        img[pad] = 0  # background: black in the output, whatever the inversions
     return img
 
 
+def _stretch(pixels: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    return (pixels - lo) * (255.0 / max(hi - lo, 1e-6))
+
+
 def _decode_dicom(src, name: str) -> Image.Image:
+    """A DICOM file -> grayscale image. Every failure, in reading or anywhere in the display pipeline
+    (a malformed VOI LUT, an unusable padding value), is one `UserError` naming the file."""
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
     try:
         ds = pydicom.dcmread(src)
         _, frames, _ = _dicom_number(ds, "NumberOfFrames")
         if frames is not None and frames > 1:
             ds.pixel_array_options(index=0)  # decode only the first frame
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        if samples == 1 and not str(ds.get("PhotometricInterpretation", "") or "").strip():
+            # required (PS3.3 C.7.6.3.1.2), but pydicom's guidance and most viewers read MONOCHROME2
+            warnings.warn(
+                f"{name}: no PhotometricInterpretation; reading it as MONOCHROME2", ImageWarning, stacklevel=3
+            )
+            ds.PhotometricInterpretation = "MONOCHROME2"
         raw = ds.pixel_array
-    except (
-        InvalidDicomError,
-        AttributeError,
-        KeyError,
-        ValueError,
-        OSError,
-        RuntimeError,
-        TypeError,
-        NotImplementedError,
-    ) as e:
-        raise UserError(f"{name}: unreadable DICOM ({_one_line(e)})") from None
-    if frames is not None and frames > 1:
-        warnings.warn(f"{name}: {int(frames)} frames; using the first", ImageWarning, stacklevel=3)
-    if int(ds.get("SamplesPerPixel", 1) or 1) > 1:  # colour (secondary capture): no VOI windowing
-        rgb = raw[..., :3]
-        if rgb.dtype != np.uint8:
-            rgb = _to_uint8(rgb, float(rgb.min()), float(rgb.max()))
-        return Image.fromarray(rgb).convert("L")
-    return Image.fromarray(_dicom_gray(ds, raw, name))
+        if frames is not None and frames > 1:
+            warnings.warn(f"{name}: {int(frames)} frames; using the first", ImageWarning, stacklevel=3)
+        if samples > 1:  # colour (secondary capture): no VOI windowing
+            rgb = raw[..., :3]
+            if rgb.dtype != np.uint8:
+                rgb = _to_uint8(rgb, float(rgb.min()), float(rgb.max()))
+            return Image.fromarray(rgb).convert("L")
+        return Image.fromarray(_dicom_gray(ds, raw, name))
+    except (UserError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - a library failure on a user's file is that file's problem
+        raise UserError(f"{name}: unreadable DICOM ({type(e).__name__}: {_one_line(e)})") from None
 
 
 def _to_gray(im: Image.Image) -> Image.Image:
@@ -214,8 +282,10 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     pydicom and the pylibjpeg plugins decode); EXIF orientation applied.
 
     Raises `UserError` naming the file when it is missing, unreadable, corrupt, smaller than
-    MIN_SIDE px or longer than MAX_ASPECT:1. Warns (`ImageWarning`) when a DICOM's window or
-    rescale values are unusable (percentile window instead) or it holds several frames (the first).
+    MIN_SIDE px or longer than MAX_ASPECT:1; for a DICOM, any failure of decoding or of the display
+    pipeline (a malformed VOI LUT) too. Warns (`ImageWarning`) when a DICOM's window or rescale
+    values are unusable (percentile window instead), its VOILUTFunction is unknown (LINEAR), it
+    lacks PhotometricInterpretation (MONOCHROME2) or it holds several frames (the first).
     """
     path = Path(path)
     if not path.is_file():
