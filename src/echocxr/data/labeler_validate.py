@@ -25,7 +25,7 @@ from pathlib import Path
 
 from echocxr.data.labeler import label_report
 from echocxr.data.mesh import mesh_to_findings
-from echocxr.data.observations import OBSERVATIONS
+from echocxr.data.observations import OBSERVATIONS, Finding
 from echocxr.errors import UserError
 
 HELD_OUT_PERCENT = 20  # share of the archive in the held-out part
@@ -173,7 +173,13 @@ def format_table(result: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--iu", required=True, help="the Open-i NLMCXR_reports.tgz archive")
+    parser.add_argument("--iu", default=None, help="the Open-i NLMCXR_reports.tgz archive")
+    parser.add_argument(
+        "--zh-gold",
+        default=None,
+        help="also score the Chinese labeler on hand-labelled sentences (JSONL: text, labels), e.g. "
+        "tests/data/labeler_zh_gold.jsonl",
+    )
     parser.add_argument("--out", default=None, help="also write the full result as JSON here")
     parser.add_argument(
         "--zh-coverage",
@@ -190,6 +196,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.iu is None and args.zh_gold is None:
+        raise UserError("give --iu ARCHIVE, --zh-gold FILE or both")
+    result: dict = {}
+    if args.iu is not None:
+        result = _run_iu(args)
+    if args.zh_gold is not None:
+        result["zh_gold"] = score_zh_gold(read_zh_gold(args.zh_gold))
+        print(f"== Chinese labeler on {args.zh_gold} ==")
+        print(format_zh_table(result["zh_gold"]))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        print(f"wrote {out}")
+    return 0
+
+
+def _run_iu(args: argparse.Namespace) -> dict:
     reports = read_iu_archive(args.iu)
     parts = (args.split,) if args.split else SPLITS
     result = validate(reports, parts)
@@ -203,12 +227,92 @@ def run(args: argparse.Namespace) -> int:
             f"Chinese rendering: {c['translated']}/{c['reports']} normalized reports ({c['coverage']:.1%}); "
             f"{c['empty_after_normalization']} reports had nothing readable"
         )
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {out}")
-    return 0
+    return result
+
+
+def read_zh_gold(path: str | Path) -> list[dict]:
+    """Hand-labelled sentences: one JSON object a line, {"text", "labels": {observation: status}}.
+
+    Raises UserError naming the file and line for a missing file, bad JSON or an unknown label.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: gold file not found")
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            text, labels = row["text"], row["labels"]
+            for obs, status in labels.items():
+                Finding(obs, status)  # validates both
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{path}:{i}: bad gold row ({_one_line(e)})") from None
+        rows.append({"text": text, "labels": dict(labels)})
+    if not rows:
+        raise UserError(f"{path}: no gold rows")
+    return rows
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def score_zh_gold(rows: list[dict]) -> dict:
+    """Per-observation precision/recall of `labeler_zh.label_report_zh` on gold sentences.
+
+    `exact`: a (observation, status) pair counts as a hit when the labeler gives the gold status
+    (a wrong status is one false positive and one false negative). `positive`: only positive labels
+    count, as in the IU scores. `no_finding` is not scored (the gold labels name observations only).
+    """
+    from echocxr.data.labeler_zh import label_report_zh
+
+    exact = {o: [0, 0, 0] for o in OBSERVATIONS if o != "no_finding"}
+    pos = {o: [0, 0, 0] for o in exact}
+    wrong = []
+    for row in rows:
+        got = {o: f.status for o, f in label_report_zh(row["text"]).items() if o != "no_finding"}
+        want = row["labels"]
+        for o in exact:
+            g, w = got.get(o), want.get(o)
+            exact[o][0] += g is not None and g == w
+            exact[o][1] += g is not None and g != w
+            exact[o][2] += w is not None and g != w
+            pos[o][0] += g == "positive" and w == "positive"
+            pos[o][1] += g == "positive" and w != "positive"
+            pos[o][2] += w == "positive" and g != "positive"
+        if got != want:
+            wrong.append({"text": row["text"], "gold": want, "labeler": got})
+
+    def table(counts: dict) -> dict:
+        per = {o: _prf(*c) for o, c in counts.items() if sum(c)}
+        tp, fp, fn = (sum(c[k] for c in counts.values()) for k in range(3))
+        return {"per_observation": per, "micro": _prf(tp, fp, fn)}
+
+    return {
+        "sentences": len(rows),
+        "sentences_all_right": len(rows) - len(wrong),
+        "exact": table(exact),
+        "positive": table(pos),
+        "wrong": wrong,
+    }
+
+
+def format_zh_table(result: dict) -> str:
+    lines = [f"{'observation':<28}{'P exact':>9}{'R exact':>9}{'P pos':>8}{'R pos':>8}{'labels':>8}"]
+    for o, m in result["exact"]["per_observation"].items():
+        p = result["positive"]["per_observation"].get(o, {"precision": 0.0, "recall": 0.0})
+        lines.append(
+            f"{o:<28}{m['precision']:>9.3f}{m['recall']:>9.3f}{p['precision']:>8.3f}{p['recall']:>8.3f}"
+            f"{m['support']:>8d}"
+        )
+    e, p = result["exact"]["micro"], result["positive"]["micro"]
+    lines.append(
+        f"micro: exact P {e['precision']:.3f} R {e['recall']:.3f}; positive P {p['precision']:.3f} "
+        f"R {p['recall']:.3f}; {result['sentences_all_right']}/{result['sentences']} sentences all right"
+    )
+    return "\n".join(lines)
 
 
 def zh_coverage(reports: list[IUReport]) -> dict:
