@@ -195,7 +195,7 @@ def label_report_zh(text: str) -> Findings:
     best: dict[str, str] = {}
     normal = False
     english: list[str] = []
-    for raw in re.split(r"(?<=[。；;!?！？\n])", text):
+    for raw in re.split(r"(?<=[。；;!?！？\n])|(?<=[.])\s+", text):
         if not has_chinese(raw):
             english.append(raw)
             continue

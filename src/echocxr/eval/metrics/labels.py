@@ -1,4 +1,5 @@
-"""Clinical label F1 from the project's rule-based labeler (`echocxr.data.labeler.label_report`).
+"""Clinical label F1 from the project's rule-based labelers (`echocxr.data.labeler.label_report`;
+Chinese sentences through `echocxr.data.labeler_zh.label_report_zh`).
 
 An observation counts as present in a report when the labeler marks it positive (variant
 `_upos`: positive or uncertain); negative, uncertain and unmentioned count as absent. Micro F1
@@ -30,10 +31,12 @@ _C14 = np.array([o in CHEXPERT14 for o in OBSERVATIONS])
 
 @functools.lru_cache(maxsize=65536)
 def _labels(text: str) -> tuple[tuple[str, str], ...]:
-    # Reference reports are labeled once per process although several metrics read them.
-    from echocxr.data.labeler import label_report
+    # Reference reports are labeled once per process although several metrics read them. Chinese
+    # scoring hands these functions `zh_to_en` output: the renderer's sentences in English, any
+    # other Chinese sentence kept as it was, which the Chinese labeler reads (`label_text`).
+    from echocxr.data.labeler_zh import label_text
 
-    return tuple(sorted((obs, f.status) for obs, f in label_report(text).items()))
+    return tuple(sorted((obs, f.status) for obs, f in label_text(text).items()))
 
 
 def present(labels: Sequence[tuple[str, str]], uncertain_positive: bool = False) -> np.ndarray:
