@@ -329,7 +329,7 @@ def test_presentation_lut_shape_inverse(tmp_path):
     m2 = _load(tmp_path / "m2.dcm")[0]
     assert np.array_equal(_load(tmp_path / "m2inv.dcm")[0], 255 - m2)  # MONOCHROME2 + INVERSE: inverted
     assert np.array_equal(_load(tmp_path / "m2id.dcm")[0], m2)
-    # Policy: MONOCHROME1 + INVERSE is the DX IOD's own pairing (PS3.3 C.8.11.7): one inversion.
+    # Policy: MONOCHROME1 + INVERSE is the DX IOD's own pairing (PS3.3 C.8.11.2): one inversion.
     assert np.array_equal(_load(tmp_path / "m1.dcm")[0], 255 - m2)
     assert np.array_equal(_load(tmp_path / "m1inv.dcm")[0], 255 - m2)
 

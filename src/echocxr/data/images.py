@@ -193,7 +193,7 @@ def _dicom_gray(ds, raw: np.ndarray, name: str) -> np.ndarray:
             display = _stretch(pixels, *_percentile_window(pixels if pad is None else pixels[~pad]))
     img = np.clip(display, 0, 255).round().astype(np.uint8)
     # MONOCHROME1 stores bright air; INVERSE asks for the output inverted. The DX IOD (PS3.3
-    # C.8.11.7) pairs MONOCHROME1 with INVERSE: both name the one inversion, which is done once.
+    # C.8.11.2) pairs MONOCHROME1 with INVERSE: both name the one inversion, which is done once.
     shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
     if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1" or shape == "INVERSE":
         img = 255 - img
