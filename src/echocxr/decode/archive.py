@@ -32,6 +32,7 @@ PARTS = "parts"
 SETTINGS = "settings.json"
 REPORTS = "reports.jsonl"
 SKIPPED = "skipped.jsonl"
+RUN_LOG = "run.json"  # the last run's world, studies decoded, decode and merge seconds (bench)
 
 
 # -- ranks ------------------------------------------------------------------------------------------
@@ -266,11 +267,11 @@ def _plan(args, views):
         else:
             usable.append((study, *picked))
     if args.sr_out:
-        bad = [s for s, used, _ in usable if not all(im.dicom for im in used)]
+        bad = [used for _, used, _ in usable if not all(im.dicom for im in used)]
         if bad:
             raise UserError(
                 f"--sr-out: {len(bad)} of {len(usable)} studies have non-DICOM images (first: "
-                f"{next(im.path for im in bad[0][1] if not im.dicom)}); a DICOM SR references its source "
+                f"{next(im.path for im in bad[0] if not im.dicom)}); a DICOM SR references its source "
                 "images' SOP instances, so it needs DICOM sources"
             )
     if not usable:
@@ -332,6 +333,7 @@ def run_studies(args: argparse.Namespace) -> int:
         return usable, skips, done
 
     usable, skips, done = on_main(d, start)
+    t_start = time.perf_counter()  # every rank leaves on_main together
     todo = [u for u in usable if u[0].id not in done]
     length = prompt_lengths(engine.tokenizer, model.config.image_tokens)
     lang = [u[0].language or default_language for u in todo]
@@ -403,10 +405,20 @@ def run_studies(args: argparse.Namespace) -> int:
         write_atomic(out / SKIPPED, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in skips + failed))
         reports.remove_parts()
         failures.remove_parts()
+        merge_s = time.perf_counter() - t0
+        run_log = {
+            "world": d.world,
+            "studies_decoded": len(todo),
+            "decode_seconds": round(t0 - t_start, 4),
+            "merge_seconds": round(merge_s, 4),
+            "threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        }
+        write_atomic(out / RUN_LOG, json.dumps(run_log) + "\n")
         note = f"; SRs in {args.sr_out}" if args.sr_out else ""
         print(
             f"wrote {len(merged)} reports to {out / REPORTS} ({len(skips) + len(failed)} files or studies "
-            f"skipped, with the reason, in {out / SKIPPED}{note}; merge {time.perf_counter() - t0:.2f} s)",
+            f"skipped, with the reason, in {out / SKIPPED}{note}; merge {merge_s:.2f} s)",
             file=sys.stderr,
         )
     leave(d)
