@@ -60,7 +60,7 @@ def write_sr(path, study_uid):
 
 def make_archive(root, n=20):
     """n studies (frontal + lateral, VENDOR_TAGS in turn, opaque file names, CR and DX), a stray SR
-    in the first study's folder and a corrupt file. Returns {study uid: (frontal sop, lateral sop)}."""
+    in the first study's folder and a corrupt (truncated) file in the last one. Returns {study uid: (frontal sop, lateral sop)}."""
     from pydicom.uid import generate_uid
 
     studies = {}
@@ -77,7 +77,8 @@ def make_archive(root, n=20):
         )
         studies[uid] = (s_front, s_lat)
     write_sr(root / "s00" / "IM0003", next(iter(studies)))
-    (root / "s05" / "IM0009").write_bytes((root / "s05" / "IM0001").read_bytes()[:200])  # cut short
+    last = root / f"s{n - 1:02d}"
+    (last / "IM0009").write_bytes((last / "IM0001").read_bytes()[:200])  # cut short
     return studies
 
 
@@ -93,9 +94,9 @@ def test_dicom_folder_groups_by_study_uid_and_reads_views_from_tags(tmp_path):
     sources = {im.view_source for s in found.studies for im in s.images}
     assert sources == {"ViewPosition", "PatientOrientation", "SeriesDescription"}
     skipped = {p.path.rsplit("/", 2)[-2] + "/" + p.path.rsplit("/", 1)[-1]: p.reason for p in found.skipped}
-    assert set(skipped) == {"s00/IM0003", "s05/IM0009"}
+    assert set(skipped) == {"s00/IM0003", "s19/IM0009"}
     assert "Basic Text SR Storage" in skipped["s00/IM0003"] and "not an image" in skipped["s00/IM0003"]
-    assert "unreadable DICOM" in skipped["s05/IM0009"]
+    assert "unreadable DICOM" in skipped["s19/IM0009"]
 
 
 def test_other_modalities_and_duplicates_are_skipped_with_the_reason(tmp_path):

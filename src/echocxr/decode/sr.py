@@ -103,7 +103,7 @@ def build_sr(row: dict, sources: list, *, model_name: str, uid_seed: str):
     root = hd.sr.ContainerContentItem(name=REPORT_TITLE, template_id="2000")
     root.ContentSequence = hd.sr.ContentSequence(
         [
-            hd.sr.LanguageOfContentItemAndDescendants(LANGUAGE[row["language"]]),
+            *hd.sr.LanguageOfContentItemAndDescendants(LANGUAGE[row["language"]]),
             *observer,
             hd.sr.TextContentItem(
                 name=codes.DCM.Comment,
@@ -127,6 +127,7 @@ def build_sr(row: dict, sources: list, *, model_name: str, uid_seed: str):
         is_final=False,
         is_verified=False,
         series_description="echocxr machine-generated report",
+        specific_character_set="ISO_IR 192",  # UTF-8: Chinese reports, any generated text
     )
     bad = {str(i.ValueType) for i in _items(sr)} - BASIC_TEXT_VALUE_TYPES
     if bad:
