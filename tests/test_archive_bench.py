@@ -80,6 +80,7 @@ def test_bench_generate_end_to_end(tmp_path, capsys):
     assert row["bench"] == "generate" and row["same_reports"] is True
     assert row["one_process"]["ranks"] == 1 and row["sharded"]["ranks"] == 2
     assert row["sharded"]["threads_per_rank"] == 1 and row["one_process"]["threads_per_rank"] == 2
+    assert row["one_rank_alone"]["threads_per_rank"] == 1 and row["scaling_efficiency"] > 0
     assert row["estimate"]["measured"]["scaling"][0]["ranks"] == 1
     (tmp_path / "b.json").write_text(json.dumps(row) + "\n")
     assert main(["bench", "generate", "--estimate", str(tmp_path / "b.json")]) == 0

@@ -3,7 +3,8 @@
 Renders --studies phantom studies (the checkpoint's views, from the records of --corpus in turn)
 to PNG files and a CSV manifest, then runs the real command twice in subprocesses:
 - 1 process with --threads T (default 2);
-- torchrun with --ranks R gloo processes (default 2) with T/R threads each.
+- torchrun with --ranks R gloo processes (default 2) with T/R threads each;
+- 1 process with T/R threads (one rank alone: `scaling_efficiency` = sharded rate / (R x its rate)).
 studies/s = studies / decode seconds (each run's run.json: image loading + decoding, after the
 model is loaded); merge_pct = rank 0's merge seconds as a percentage of decode + merge seconds;
 `same_reports`: the two runs wrote the same reports (timing fields aside).
@@ -178,8 +179,8 @@ def run(args) -> int:
     manifest = _write_studies(args, work, views, size)
     common = ["generate", "--ckpt", args.ckpt, "--studies", str(manifest), "--quiet"]
     common += ["--batch-size", str(args.batch_size), "--device", "cpu"]
-    one_out, many_out = work / "one", work / "sharded"
-    for out in (one_out, many_out):  # a fresh measurement, not a resume
+    one_out, many_out, rank_out = work / "one", work / "sharded", work / "one_rank"
+    for out in (one_out, many_out, rank_out):  # a fresh measurement, not a resume
         for name in ("reports.jsonl", "skipped.jsonl", "settings.json", "run.json"):
             (out / name).unlink(missing_ok=True)
     t = args.threads // args.ranks
@@ -196,7 +197,9 @@ def run(args) -> int:
         str(args.ranks),
     ]
     wall2 = _run([*torchrun, "-m", "echocxr", *common, "--out", str(many_out), "--threads", str(t)], t)
+    wall3 = _run([sys.executable, "-m", "echocxr", *common, "--out", str(rank_out), "--threads", str(t)], t)
     one, many = _measured(one_out, wall1, args.studies), _measured(many_out, wall2, args.studies)
+    alone = _measured(rank_out, wall3, args.studies)
     row = {
         "bench": "generate",
         "model": args.ckpt,
@@ -205,8 +208,10 @@ def run(args) -> int:
         "batch_size": args.batch_size,
         "one_process": one,
         "sharded": many,
+        "one_rank_alone": alone,
         "sharded_vs_one": round(many["studies_per_s"] / one["studies_per_s"], 3),
-        "same_reports": _reports(one_out) == _reports(many_out),
+        "scaling_efficiency": round(many["studies_per_s"] / (args.ranks * alone["studies_per_s"]), 3),
+        "same_reports": _reports(one_out) == _reports(many_out) == _reports(rank_out),
         "device": _device_name("cpu"),
         "load_1min": round(os.getloadavg()[0], 2),  # a shared machine: other jobs' load, at the end
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
