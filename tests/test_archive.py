@@ -218,3 +218,24 @@ def test_two_ranks_killed_midway_resume_without_loss_or_duplicates(
     )
     assert done.returncode == 0, done.stderr[-3000:]
     _check_resumed(out, manifest_reference, 120)
+
+
+def test_a_study_whose_pixels_fail_goes_to_the_skip_log_and_stays_there(ckpt, tmp_path):
+    from pydicom.uid import generate_uid
+
+    from test_studies import write_dicom
+
+    root = tmp_path / "dicom"
+    for i in range(2):
+        uid = generate_uid()
+        write_dicom(root / f"s{i}" / "f", study_uid=uid, tags={"ViewPosition": "PA"}, seed=i)
+        write_dicom(root / f"s{i}" / "l", study_uid=uid, tags={"ViewPosition": "LL"}, seed=i + 5)
+    bad = root / "s1" / "l"
+    bad.write_bytes(bad.read_bytes()[:-1000])  # header intact, pixel data cut short
+    out = tmp_path / "out"
+    for _ in range(2):  # the rerun keeps the failure in the log and does not retry it
+        assert main(_args(ckpt, root, out)) == 0
+        assert len(_rows(out / "reports.jsonl")) == 1
+        skipped = _rows(out / "skipped.jsonl")
+        assert [(s["stage"], str(bad) in s["path"]) for s in skipped] == [("load", True)]
+        assert str(bad) in skipped[0]["reason"]

@@ -328,8 +328,10 @@ def run_studies(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         check_settings(out / SETTINGS, fingerprint)
         usable, skips = _plan(args, views)
-        done = set(reports.collect()) | set(failures.collect())
-        write_atomic(out / SKIPPED, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in skips))
+        failed_before = list(failures.collect().values())  # kept in the log: not retried
+        done = set(reports.collect()) | {f["study_id"] for f in failed_before}
+        log = skips + failed_before
+        write_atomic(out / SKIPPED, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in log))
         return usable, skips, done
 
     usable, skips, done = on_main(d, start)
