@@ -72,10 +72,12 @@ def _one_line(e: Exception) -> str:
 
 
 def _text(ds, keyword: str) -> str:
+    from pydicom.multival import MultiValue
+
     value = ds.get(keyword)
     if value is None:
         return ""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+    if isinstance(value, (list, tuple, MultiValue)):
         return "\\".join(str(v) for v in value).strip()
     return str(value).strip()
 

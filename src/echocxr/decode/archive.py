@@ -55,10 +55,9 @@ def rank_device(name: str, d: Dist) -> str:
     """`--device` for this rank: auto/cuda -> cuda:LOCAL_RANK under torchrun."""
     import torch
 
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    from echocxr.decode.cli import resolve_device
+
+    name = resolve_device(name)
     if name == "cuda" and d.world > 1:
         name = f"cuda:{d.local_rank}"
     if name.startswith("cuda"):
@@ -288,15 +287,62 @@ def _image_row(im, view: str) -> dict:
     return row
 
 
+def decode_studies(engine, items, views, sr=None) -> tuple[list[dict], list[dict]]:
+    """One batch: items (study, used images, unused images, language) -> (report rows, load
+    failures as skip-log rows). sr: an `sr.SRWriter`, written before its row is returned."""
+    import torch
+
+    from echocxr.batch import Example, collate
+    from echocxr.data.images import load_image, prepare_image
+    from echocxr.data.records import parse_report
+    from echocxr.decode.cli import decoder_name
+
+    model = engine.model
+    ok, examples, failed = [], [], []
+    for study, used, unused, language in items:
+        try:
+            ims = [prepare_image(load_image(im.path), model.config.image_size) for im in used]
+        except UserError as e:
+            paths = ", ".join(im.path for im in used)
+            failed.append({"path": paths, "study_id": study.id, "stage": "load", "reason": str(e)})
+            continue
+        ok.append((study, used, unused, language))
+        examples.append(Example(ims, language, record_id=study.id))
+    if not examples:
+        return [], failed
+    batch = collate(examples, engine.tokenizer, engine.processor, model.config.image_tokens)
+    t0 = time.perf_counter()
+    res = engine.generate(batch.to(engine.device))
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    ms = (time.perf_counter() - t0) * 1e3 / len(examples)
+    rows = []
+    for (study, used, unused, language), toks in zip(ok, res.tokens, strict=True):
+        row = {
+            "study_id": study.id,
+            "language": language,
+            "images": [_image_row(im, v) for im, v in zip(used, views, strict=True)],
+            **parse_report(engine.text(toks)),
+            "decoder": decoder_name(engine.cfg),
+            "tokens": len(toks),
+            "forwards": int(res.forwards),
+            "batch_size": len(examples),
+            "ms": round(ms, 2),
+        }
+        if unused:
+            row["unused_images"] = [im.path for im in unused]
+        if sr is not None:  # before the row: a row on disk means its SR is too
+            sr.write(row, used)
+        rows.append(row)
+    return rows, failed
+
+
 def run_studies(args: argparse.Namespace) -> int:
     """`echocxr generate --studies X --out DIR` (under torchrun: one shard per rank)."""
     import torch
     from tqdm import tqdm
 
-    from echocxr.batch import Example, collate
-    from echocxr.data.images import load_image, prepare_image
-    from echocxr.data.records import parse_report
-    from echocxr.decode.cli import decode_overrides, decoder_name
+    from echocxr.decode.cli import decode_overrides
     from echocxr.decode.engine import Engine
 
     if args.batch_size < 1 or not args.out:
@@ -345,7 +391,6 @@ def run_studies(args: argparse.Namespace) -> int:
         from echocxr.decode.sr import SRWriter
 
         sr = SRWriter(Path(args.sr_out), model_name=str(Path(args.ckpt).resolve()), fingerprint=fingerprint)
-    label = decoder_name(cfg)
     with (
         reports.open() as rf,
         failures.open() as ff,
@@ -358,43 +403,8 @@ def run_studies(args: argparse.Namespace) -> int:
         ) as bar,
     ):
         for idx in batches:
-            items, examples, failed = [], [], []
-            for i in idx:
-                study, used, unused = todo[i]
-                try:
-                    ims = [prepare_image(load_image(im.path), model.config.image_size) for im in used]
-                except UserError as e:
-                    failed.append({"path": ", ".join(im.path for im in used), "study_id": study.id})
-                    failed[-1].update(stage="load", reason=str(e))
-                    continue
-                items.append((study, used, unused, lang[i]))
-                examples.append(Example(ims, lang[i], record_id=study.id))
+            rows, failed = decode_studies(engine, [(*todo[i], lang[i]) for i in idx], views, sr)
             ff.write(failed)
-            rows = []
-            if examples:
-                batch = collate(examples, engine.tokenizer, engine.processor, model.config.image_tokens)
-                t0 = time.perf_counter()
-                res = engine.generate(batch.to(device))
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                ms = (time.perf_counter() - t0) * 1e3 / len(examples)
-                for (study, used, unused, language), toks in zip(items, res.tokens, strict=True):
-                    row = {
-                        "study_id": study.id,
-                        "language": language,
-                        "images": [_image_row(im, v) for im, v in zip(used, views, strict=True)],
-                        **parse_report(engine.text(toks)),
-                        "decoder": label,
-                        "tokens": len(toks),
-                        "forwards": int(res.forwards),
-                        "batch_size": len(examples),
-                        "ms": round(ms, 2),
-                    }
-                    if unused:
-                        row["unused_images"] = [im.path for im in unused]
-                    if sr is not None:  # before the row: a row on disk means its SR is too
-                        sr.write(row, used)
-                    rows.append(row)
             rf.write(rows)
             bar.update(len(idx))
     barrier(d)
