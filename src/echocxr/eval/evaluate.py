@@ -19,6 +19,9 @@ phantoms of another study of the same eval set (a seeded derangement, `shuffled_
 the truth and the reference stay the study's own. A model that reads its image scores clearly
 higher on its own phantoms than on either control.
 
+Under `torchrun --nproc-per-node N -m echocxr eval ...` each rank decodes its share of the batches
+(`decode.archive`: the same batches as one process) and rank 0 merges and scores once.
+
 Speed is measured around `generate` only (prefill + decoding, not image rendering or metrics):
 tokens/s counts generated tokens up to and including each row's first EOS; forwards per token is
 a batch's forward passes over its longest row (the row that keeps the batch running), summed
