@@ -210,3 +210,19 @@ def test_generate_pipeline_and_datasets_share_prepare_image(ckpt, iu_images, tmp
     rec = Record("iu:T1", "iu:T1", "iu", images=[ImageRef(str(crop), "frontal")])
     images_mod.study_images(rec, size=112, seed=0, source="real")  # training and evaluation
     assert calls[2:] == [((512, 400), 112)]
+
+
+def test_images_or_studies_one_line_errors(ckpt, iu_images, tmp_path, capsys):
+    png = sorted(iu_images.glob("*.png"))[0]
+    for argv, says in [
+        (["--ckpt", ckpt], "give image paths, or --studies"),
+        (["--ckpt", ckpt, png, "--studies", tmp_path, "--out", tmp_path / "o"], "not both"),
+        (["--ckpt", ckpt, png, "--sr-out", tmp_path / "sr"], "go with --studies"),
+        (["--ckpt", ckpt, "--studies", tmp_path], "--studies needs --out DIR"),
+        (
+            ["--ckpt", ckpt, "--studies", tmp_path / "nope.csv", "--out", tmp_path / "o"],
+            "nope.csv: --studies not found",
+        ),
+    ]:
+        rc, _, err = _run(capsys, *argv)
+        assert rc == 2 and says in err and "Traceback" not in err, err

@@ -38,6 +38,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
         "echocxr.bench.serve",
         "server throughput and latency, batching on and off (JSON lines)",
     ),
+    ("bench", "generate"): (
+        "echocxr.bench.generate",
+        "archive throughput: 1 process vs torchrun ranks, merge share, 100k-study estimate (JSON line)",
+    ),
     ("serve",): ("echocxr.serve.cli", "serve reports over HTTP: OpenAI-compatible API, web page, batching"),
     ("run",): ("echocxr.pipeline", "the whole chain for a preset: corpus -> AR -> RAD -> DCD -> eval"),
     ("demo",): ("echocxr.pipeline", "end-to-end demo on CPU with the tiny preset"),

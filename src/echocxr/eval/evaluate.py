@@ -19,6 +19,9 @@ phantoms of another study of the same eval set (a seeded derangement, `shuffled_
 the truth and the reference stay the study's own. A model that reads its image scores clearly
 higher on its own phantoms than on either control.
 
+Under `torchrun --nproc-per-node N -m echocxr eval ...` each rank decodes its share of the batches
+(`decode.archive`: the same batches as one process) and rank 0 merges and scores once.
+
 Speed is measured around `generate` only (prefill + decoding, not image rendering or metrics):
 tokens/s counts generated tokens up to and including each row's first EOS; forwards per token is
 a batch's forward passes over its longest row (the row that keeps the batch running), summed
@@ -627,40 +630,57 @@ def decoder_label(dcfg) -> str:
 # The command
 
 
-def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
-    """Decode what is not yet in samples.jsonl, score everything, write the aggregate. Returns it."""
+def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict | None:
+    """Decode what is not yet in samples.jsonl, score everything, write the aggregate. Returns it.
+
+    Under torchrun each rank decodes its share (`decode.archive.deal`: the same batches as one
+    process) into parts/; rank 0 merges them, scores once and returns the aggregate, the other
+    ranks return None."""
+    from dataclasses import replace
+
     from tqdm import tqdm
 
+    from echocxr.decode import archive
+
+    d = archive.join()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_settings(out, cfg.fingerprint())
+    archive.on_main(
+        d, lambda: (out.mkdir(parents=True, exist_ok=True), _check_settings(out, cfg.fingerprint()))
+    )
     records = load_records(cfg)
     samples_path = out / SAMPLES
-    done = {s["record_id"]: s for s in read_samples(samples_path)}
-    todo = [r for r in records if r.record_id not in done]
-    loaded = load_checkpoint(cfg)
+    log = archive.ShardedRows(samples_path, "record_id", d)
+    done_ids = archive.on_main(d, lambda: set(log.collect()))
+    todo = [r for r in records if r.record_id not in done_ids]
+    rank_cfg = replace(cfg, device=archive.rank_device(cfg.device, d))  # cuda -> cuda:LOCAL_RANK
+    loaded = load_checkpoint(rank_cfg)
     dcfg = decode_config(cfg, loaded)
     root = Path(cfg.corpus).resolve().parent
     donors = shuffled_donors(records, cfg.seed) if cfg.image_source == "shuffled" else None
-    if todo:
+    length = archive.prompt_lengths(loaded.tokenizer, loaded.tokens_per_image)
+    costs = [length(len(loaded.views), r.language) for r in todo]
+    mine = archive.deal(costs, cfg.batch_size, d.rank, d.world)
+    if mine:
         # Append mode: each finished batch is on disk before the next starts (resumable).
         with (
-            samples_path.open("a", encoding="utf-8") as f,
+            log.open() as f,
             tqdm(
-                total=len(records),
-                initial=len(records) - len(todo),
-                desc=decoder_label(dcfg),
+                total=len(records) if d.world == 1 else sum(map(len, mine)),
+                initial=len(records) - len(todo) if d.world == 1 else 0,
+                desc=decoder_label(dcfg) + (f" rank {d.rank}/{d.world}" if d.world > 1 else ""),
                 disable=not progress,
                 file=sys.stderr,
             ) as bar,
         ):
-            for i in range(0, len(todo), cfg.batch_size):
-                chunk = todo[i : i + cfg.batch_size]
-                for row in decode_batch(chunk, loaded, cfg, dcfg, root, donors):
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    done[row["record_id"]] = row
-                f.flush()
+            for idx in mine:
+                chunk = [todo[i] for i in idx]
+                f.write(decode_batch(chunk, loaded, rank_cfg, dcfg, root, donors))
                 bar.update(len(chunk))
+    archive.barrier(d)
+    if not d.main:
+        archive.leave(d)
+        return None
+    done = log.collect()
     samples = [done[r.record_id] for r in records]
     table = score(samples, cfg.metrics, bootstrap=cfg.bootstrap, seed=cfg.seed)
     _write_atomic(samples_path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
@@ -679,6 +699,8 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
     }
     _write_atomic(out / AGGREGATE_JSON, json.dumps(aggregate, indent=2, ensure_ascii=False) + "\n")
     _write_atomic(out / AGGREGATE_MD, markdown_table(aggregate))
+    log.remove_parts()
+    archive.leave(d)
     return aggregate
 
 
@@ -786,6 +808,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     agg = evaluate(cfg, progress=not args.quiet)
+    if agg is None:  # a torchrun rank other than 0: rank 0 writes and prints
+        return 0
     print(markdown_table(agg))
     print(f"wrote {Path(cfg.out) / AGGREGATE_MD}, {Path(cfg.out) / SAMPLES}")
     return 0
