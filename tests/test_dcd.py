@@ -560,3 +560,41 @@ def test_confidence_threshold_order_has_no_window():
     assert ours.nonzero()[:, 1].tolist() == [0]
     above = torch.tensor([[0.3, 0.9, 0.1, 0.05, 0.95, 0.1, 0.1, 0.1]])
     assert choose(above, masked, 8, "confidence_threshold", 0.85).nonzero()[:, 1].tolist() == [1, 4]
+
+
+def test_ar_teacher_rollouts_are_left_to_right_blocks_of_its_greedy_decode(tiny):
+    """--teacher-decoder ar: the teacher's tokens are its greedy AR decode (the block loop at
+    block 1), regrouped into blocks of B with step = offset in the block, and the recorded
+    distribution at each position is the teacher's next-token distribution there."""
+    from echocxr.model.denoise import CachedContext, banned_tokens, denoise_blocks
+    from echocxr.train.dcd import DCDConfig, collect_rollouts
+
+    model, tok, proc, cfg = tiny
+    rng = np.random.default_rng(5)
+    exs = [Example([noise_image(rng)], "en", None, f"s{i}") for i in range(3)]
+    dcfg = DCDConfig(block_size=4, top_k=8, max_new_tokens=20, collect_batch=3, teacher_decoder="ar")
+    rollouts, _ = collect_rollouts(model, exs, tok, proc, dcfg)
+    batch = collate(
+        [Example(e.images, e.language, None, e.record_id) for e in exs], tok, proc, cfg.image_tokens
+    )
+    banned = banned_tokens(model, tok)
+    ref = denoise_blocks(
+        model,
+        CachedContext(model, batch, 20, 1),
+        3,
+        block=1,
+        steps=1,
+        max_new_tokens=20,
+        strategy="sequential",
+        banned=banned,
+    )
+    for r in rollouts:
+        toks = ref.tokens[r.example]
+        assert r.tokens[: len(toks)].tolist() == toks
+        last = r.end if r.end >= 0 else len(r.tokens) - 1
+        assert r.step[: last + 1].tolist() == [j % 4 for j in range(last + 1)]
+        assert r.top_idx[: last + 1, 0].tolist() == toks[: last + 1]  # greedy: the top token
+        full = [4] * (last // 4 * 4) + [last % 4 + 1] * (last % 4 + 1)
+        assert r.block_steps[: last + 1].tolist() == full
+    with pytest.raises(Exception, match="refresh"):
+        DCDConfig(teacher_decoder="ar", refresh="student")

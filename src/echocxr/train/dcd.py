@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from echocxr.model import denoise
+from echocxr.model.denoise import StepRecord
 from echocxr.model.layout import AR_SHIFT, checkpoint_fields, rad_student_logits
 from echocxr.model.vlm import EchoVLM
 from echocxr.train.loop import is_sharded
@@ -51,6 +52,11 @@ from echocxr.train.loop import is_sharded
 OBJECTIVES = ("dcd", "onestep-ft")
 KL_DIRECTIONS = ("forward", "reverse")
 REFRESH = ("teacher", "student")
+# How the teacher writes its trajectories. "block": the paper's, the RAD teacher's multi-step block
+# decoder (`strategy`, `threshold`, `teacher_steps`). "ar": an AR checkpoint (`--teacher`, e.g. the
+# Stage 1 model) decoding token by token; within each block of B positions the step of position
+# j is its offset j mod B (left-to-right order) and p_j is the AR model's next-token distribution.
+TEACHER_DECODERS = ("block", "ar")
 NO_TARGET = -1  # step value of a position without a teacher distribution (EOS padding past the rollout)
 
 
@@ -210,6 +216,7 @@ class DCDConfig:
     max_new_tokens: int | None = None  # longest teacher rollout; None: the teacher's max_response_tokens
     rounds: int = 1
     refresh: str = "teacher"  # who decodes the trajectories of rounds after the first
+    teacher_decoder: str = "block"  # TEACHER_DECODERS
     distill_studies: int = 256
     collect_batch: int = 8
     seed: int = 0
@@ -223,6 +230,14 @@ class DCDConfig:
             raise UserError(f"--kl must be one of {KL_DIRECTIONS}, not {self.kl!r}")
         if self.strategy not in denoise.STRATEGIES:
             raise UserError(f"--strategy must be one of {denoise.STRATEGIES}, not {self.strategy!r}")
+        if self.teacher_decoder not in TEACHER_DECODERS:
+            raise UserError(
+                f"--teacher-decoder must be one of {TEACHER_DECODERS}, not {self.teacher_decoder!r}"
+            )
+        if self.teacher_decoder == "ar" and self.refresh != "teacher":
+            raise UserError(
+                "--teacher-decoder ar decodes every round with the AR teacher: use --refresh teacher"
+            )
         if self.refresh not in REFRESH:
             raise UserError(f"--refresh must be one of {REFRESH}, not {self.refresh!r}")
         if self.block_size < 1 or self.top_k < 1 or self.rounds < 1 or self.distill_studies < 1:
@@ -311,6 +326,19 @@ def distill_examples(
     return out
 
 
+def _ar_rollout(example: int, tokens: list[int], row_trajectory, block: int, k: int, eos: int) -> Rollout:
+    """An AR teacher's output (decoded as blocks of one token: row_trajectory[t] = [StepRecord of
+    token t]) regrouped into blocks of `block`: position j was committed at step j mod block of its
+    block, and block b took as many steps as it has positions up to the first EOS."""
+    blocks = []
+    for b in range(0, len(row_trajectory), block):
+        recs = [steps[0] for steps in row_trajectory[b : b + block]]
+        blocks.append(
+            [StepRecord([j], r.tokens, r.confidence, r.top_idx, r.top_p, r.rest) for j, r in enumerate(recs)]
+        )
+    return _rollout(example, tokens, blocks, block, k, eos)
+
+
 def _rollout(example: int, tokens: list[int], row_trajectory, block: int, k: int, eos: int) -> Rollout:
     """Teacher output of one row (tokens up to and including its first EOS, `cut_at_eos`) and its
     trajectory -> per-position targets over whole blocks up to its EOS block. Every position after
@@ -377,6 +405,10 @@ def decode_share(
     rollouts, looped, unfinished = [], 0, 0
     max_new = cfg.max_new_tokens or decoder.config.max_response_tokens
     n_tokens = -(-max_new // cfg.block_size) * cfg.block_size
+    ar = cfg.teacher_decoder == "ar"
+    # an AR teacher is the block loop at block 1, one step: each token read from the logits at the
+    # token before it (the shift), then committed (`model.denoise` module docstring)
+    block, steps, strategy = (1, 1, "sequential") if ar else (cfg.block_size, cfg.steps, cfg.strategy)
     # the decoders' guard: the teacher never commits the mask token or a special token other than
     # EOS, so no rollout teaches the student one (its recorded distributions put 0 mass on them)
     banned = denoise.banned_tokens(decoder, tokenizer)
@@ -388,12 +420,12 @@ def decode_share(
         batch = collate(prompts, tokenizer, processor, tpi).to(decoder.device)
         out = denoise.denoise_blocks(
             decoder,
-            denoise.CachedContext(decoder, batch, n_tokens, cfg.block_size),
+            denoise.CachedContext(decoder, batch, n_tokens, block),
             batch.size,
-            block=cfg.block_size,
-            steps=cfg.steps,
+            block=block,
+            steps=steps,
             max_new_tokens=max_new,
-            strategy=cfg.strategy,
+            strategy=strategy,
             threshold=cfg.threshold,
             seed=cfg.seed,
             record_top_k=cfg.top_k,
@@ -405,7 +437,9 @@ def decode_share(
                 looped += 1
                 continue
             unfinished += int(not tokens or tokens[-1] != eos)
-            rollouts.append(_rollout(j, tokens, traj, cfg.block_size, cfg.top_k, eos))
+            rollouts.append(
+                (_ar_rollout if ar else _rollout)(j, tokens, traj, cfg.block_size, cfg.top_k, eos)
+            )
     decoder.train(was_training)
     return rollouts, looped, unfinished
 
@@ -632,6 +666,12 @@ def add_stage_arguments(parser) -> None:
     g.add_argument("--rounds", type=int, default=d.rounds, help="trajectory collection rounds")
     g.add_argument("--refresh", choices=REFRESH, default=d.refresh, help="who decodes rounds after the first")
     g.add_argument(
+        "--teacher-decoder",
+        choices=TEACHER_DECODERS,
+        default=d.teacher_decoder,
+        help="block: the RAD teacher's multi-step block decoder (paper); ar: an AR --teacher, left to right",
+    )
+    g.add_argument(
         "--distill-studies", type=int, default=d.distill_studies, help="studies, stratified by source"
     )
     g.add_argument("--collect-batch", type=int, default=d.collect_batch)
@@ -664,6 +704,7 @@ def build_stage(args, model: EchoVLM, tokenizer, processor) -> DCDStage:
         max_new_tokens=args.max_new_tokens,
         rounds=args.rounds,
         refresh=args.refresh,
+        teacher_decoder=args.teacher_decoder,
         distill_studies=args.distill_studies,
         collect_batch=args.collect_batch,
         seed=args.seed,
