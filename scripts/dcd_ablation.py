@@ -29,6 +29,8 @@ VARIANTS: dict[str, list[str]] = {
     "teacher_confidence_threshold": ["--strategy", "confidence_threshold"],
     "teacher_sequential": ["--strategy", "sequential"],
     "one_round": ["--rounds", "1"],
+    # not the paper's teacher: the run's Stage 1 AR model writes the trajectories left to right
+    "teacher_ar": ["--teacher", "{run}/ar/final", "--teacher-decoder", "ar"],
 }
 METRICS = ("phantom_abn_macro_f1@10", "rougeL_coco", "label_f1_micro")
 START, END = "<!-- dcd-ablation:start -->", "<!-- dcd-ablation:end -->"
@@ -125,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
                 run / "eval" / f"rad_b{args.block}_onestep_undistilled" / "aggregate.json"
             ),
         }
-        rows = {n: run_variant(n, VARIANTS[n], base, out, eval_en, args.block) for n in names}
+        rows = {
+            n: run_variant(n, [f.format(run=run) for f in VARIANTS[n]], base, out, eval_en, args.block)
+            for n in names
+        }
         command = "python scripts/dcd_ablation.py " + shlex.join(a for a in (argv or sys.argv[1:]))
         text = table(rows, refs, command)
         (out / "ablation.md").write_text(text + "\n")

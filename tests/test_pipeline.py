@@ -374,3 +374,19 @@ def test_results_page_states_each_one_step_models_ratios(tmp_path):
     assert "## One-step models against AR and against no distillation" in text
     assert "| dcd fused | 8 | 0.300 / 75% / 150% | 0.600 / 100% / 200% | 0.250 / 50% / 50% |" in text
     assert "| undistilled | 8 | 0.200 / 50% / 1 | 0.300 / 50% / 1 | 0.500 / 100% / 1 |" in text
+
+
+def test_dcd_teacher_choice_reaches_the_dcd_command(tmp_path):
+    opt = pl.RunOptions(out=tmp_path, iu=tmp_path / "iu.tgz", images=None)
+    ar = {s.name: s for s in pl.plan(pl.get_pipeline_preset("tiny", dcd_teacher="ar"), opt)}
+    cmd = ar["train/dcd_b8"].command
+    assert f"--teacher {tmp_path / 'ar' / 'final'} --teacher-decoder ar" in cmd
+    assert "train/ar" in ar["train/dcd_b8"].deps
+    rad = {
+        s.name: s
+        for s in pl.plan(pl.get_pipeline_preset("tiny", dcd_teacher="rad", dcd_strategy="sequential"), opt)
+    }
+    assert "--teacher-decoder" not in rad["train/dcd_b8"].command
+    assert "--strategy sequential" in rad["train/dcd_b8"].command
+    with pytest.raises(UserError, match="dcd_teacher"):
+        pl.get_pipeline_preset("tiny", dcd_teacher="gpt")

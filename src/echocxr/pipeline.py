@@ -60,6 +60,10 @@ class PipelineConfig:
     warmup: int = 50
     distill_studies: int = 256  # DCD: studies the teacher decodes per round
     dcd_rounds: int = 1  # DCD: trajectory rounds, each on fresh studies (`--rounds`)
+    # DCD's teacher: "rad" (the paper's: the RAD model's block decoder) or "ar" (the chain's Stage 1
+    # model decoding left to right, `--teacher-decoder ar`; docs/DCD.md, "Ablations (issue #20)")
+    dcd_teacher: str = "rad"
+    dcd_strategy: str | None = None  # the RAD teacher's unmasking order (None: the decoders' default)
     workers: int = 0  # data-loading processes per train step (phantom rendering is CPU work)
     block_sizes: tuple[int, ...] = (4, 8)
     eval_limit: int | None = None  # studies per eval (None: the whole eval file)
@@ -79,6 +83,10 @@ class PipelineConfig:
             raise UserError(f"pipeline preset {self.name}: steps and batch size must be >= 1")
         if self.dcd_rounds < 1 or self.distill_studies < 1:
             raise UserError(f"pipeline preset {self.name}: dcd_rounds and distill_studies must be >= 1")
+        if self.dcd_teacher not in ("rad", "ar"):
+            raise UserError(
+                f"pipeline preset {self.name}: dcd_teacher must be rad or ar, not {self.dcd_teacher!r}"
+            )
         if self.vision_steps < 0 or self.vision_batch_size < 1:
             raise UserError(f"pipeline preset {self.name}: vision_steps must be >= 0, vision_batch_size >= 1")
         if self.ablation and self.ablation_block not in self.block_sizes:
@@ -346,14 +354,22 @@ def plan(cfg: PipelineConfig, opt: RunOptions) -> list[Step]:
             rad = train(
                 f"rad_b{B}{sfx}", "rad", str(checkpoint_dir(ar)), data, cfg.rad_steps, [f"train/ar{sfx}"], B
             )
+            teacher: list[str] = []
+            dcd_deps = [f"train/rad_b{B}{sfx}"]
+            if cfg.dcd_teacher == "ar":
+                teacher = ["--teacher", str(checkpoint_dir(ar)), "--teacher-decoder", "ar"]
+                dcd_deps.append(f"train/ar{sfx}")
+            elif cfg.dcd_strategy:
+                teacher = ["--strategy", cfg.dcd_strategy]
             dcd = train(
                 f"dcd_b{B}{sfx}",
                 "dcd",
                 str(checkpoint_dir(rad)),
                 data,
                 cfg.dcd_steps,
-                [f"train/rad_b{B}{sfx}"],
+                dcd_deps,
                 B,
+                extra=teacher,
             )
             trained[f"rad_b{B}{sfx}"], trained[f"dcd_b{B}{sfx}"] = rad, dcd
 
