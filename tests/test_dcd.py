@@ -80,16 +80,37 @@ def test_bucket_log_probs_sum_to_one():
 
 
 def test_step_weights_grow_linearly_from_one_to_one_plus_alpha():
-    w = step_weights(torch.tensor([0, 1, 2, 3, NO_TARGET]), 4, alpha=2.0)
+    four = torch.full((5,), 4)
+    w = step_weights(torch.tensor([0, 1, 2, 3, NO_TARGET]), four, alpha=2.0)
     torch.testing.assert_close(w, torch.tensor([1.0, 1 + 2 / 3, 1 + 4 / 3, 3.0, 1.0]))
-    assert torch.equal(step_weights(torch.tensor([0, 0]), 1, alpha=2.0), torch.ones(2))
-    assert torch.equal(step_weights(torch.tensor([0, 3]), 4, alpha=0.0), torch.ones(2))
+    assert torch.equal(
+        step_weights(torch.tensor([0, 0]), torch.ones(2, dtype=torch.long), 2.0), torch.ones(2)
+    )
+    assert torch.equal(step_weights(torch.tensor([0, 3]), four[:2], alpha=0.0), torch.ones(2))
 
 
-def _targets(teacher_logits, tokens, step, steps=4, k=8):
+def test_step_weights_are_normalised_by_the_steps_each_block_took():
+    """A teacher run with K = 8 that finished a block in 3 steps: that block's last commit weighs
+    1 + alpha, not 1 + alpha * 2 / 7 (issue #20, item 1)."""
+    step = torch.tensor([0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7])
+    block_steps = torch.tensor([3, 3, 3, 8, 8, 8, 8, 8, 8, 8, 8])
+    w = step_weights(step, block_steps, alpha=1.0)
+    torch.testing.assert_close(w[:3], torch.tensor([1.0, 1.5, 2.0]))
+    torch.testing.assert_close(w[3:], 1 + torch.arange(8.0) / 7)
+    assert w[2] == w[-1] == 2.0
+
+
+def _targets(teacher_logits, tokens, step, steps=4, k=8, eos=None):
     B, R, V = teacher_logits.shape
     idx, p, rest = topk_target(teacher_logits.softmax(-1), k)
-    return Targets(tokens, step, idx, p, rest, steps)
+    block_steps = torch.where(step == NO_TARGET, 0, steps)
+    end = torch.zeros(B, R, dtype=torch.bool)
+    if eos is not None:
+        for b in range(B):
+            hit = (tokens[b] == eos).nonzero()
+            if len(hit):
+                end[b, hit[0, 0]] = True
+    return Targets(tokens, step, idx, p, rest, block_steps, end)
 
 
 def test_dcd_loss_terms():
@@ -98,14 +119,18 @@ def test_dcd_loss_terms():
     teacher = torch.randn(B, R, V, generator=g) * 3
     student = torch.randn(B, R, V, generator=g) * 3
     tokens = teacher.argmax(-1)
+    tokens[tokens == eos] = eos + 1  # the only EOS are the ends set here
     tokens[0, 6:] = eos
     tokens[1, 4:] = eos
     step = torch.tensor([[0, 1, 2, 3, 0, 1, NO_TARGET, NO_TARGET], [3, 2, 1, 0, 0, 1, 2, 3]])
-    t = _targets(teacher, tokens, step)
+    t = _targets(teacher, tokens, step, eos=eos)
     has = step != NO_TARGET
     kl = kl_topk(student[has], t.top_idx[has], t.top_p[has], t.rest[has])
     w = 1 + step[has].float() / 3
-    eos_ce = F.cross_entropy(student[tokens == eos], tokens[tokens == eos])
+    # the EOS term sits on each row's first EOS only (rows 0 and 1: positions 6 and 4), not on
+    # the EOS padding after it
+    ends = torch.stack([student[0, 6], student[1, 4]])
+    eos_ce = F.cross_entropy(ends, torch.tensor([eos, eos]))
     loss, logs = dcd_loss(student, t, eos, alpha=1.0, eos_weight=0.5)
     torch.testing.assert_close(loss, (w * kl).sum() / w.sum() + 0.5 * eos_ce)
     assert logs["eos_ce"] == pytest.approx(float(eos_ce), rel=1e-5)
@@ -226,9 +251,12 @@ def _synthetic_stage(model, tok, proc, cfg, **kw):
         teacher = torch.randn(R, V, generator=g) * 4
         idx, p, rest = topk_target(teacher.softmax(-1), 8)
         tokens = teacher.argmax(-1)
+        tokens[tokens == eos] = eos + 1
         tokens[-2:] = eos
         step = torch.arange(R) % 4
-        stage.rollouts.append(Rollout(i, tokens, step, idx.int(), p, rest))
+        step[-1] = NO_TARGET  # after the first EOS (position R - 2)
+        block_steps = torch.full((R,), 4)
+        stage.rollouts.append(Rollout(i, tokens, step, idx.int(), p, rest, block_steps, R - 2))
     stage.round = 0
     return stage
 
@@ -302,7 +330,10 @@ def test_phase1_rollouts_from_the_block_decoder_match_phase2_inputs(tiny):
     stage = DCDStage(dcfg, tok, proc, lambda r: exs, teacher=model)
     stage.examples = exs
     for r in rollouts:
-        assert len(r.tokens) % 4 == 0 and (r.step >= 0).all() and (r.step < 4).all()
+        last = r.end if r.end >= 0 else len(r.tokens) - 1
+        assert len(r.tokens) % 4 == 0 and (r.step[: last + 1] >= 0).all() and (r.step < 4).all()
+        assert (r.step[last + 1 :] == NO_TARGET).all()
+        assert (r.block_steps[: last + 1] >= 1).all() and (r.block_steps <= 4).all()
         torch.testing.assert_close(r.top_p.sum(-1) + r.rest, torch.ones(len(r.tokens)), atol=1e-5, rtol=0)
     sb, t = stage.student_batch(rollouts, model)
     from echocxr.model.denoise import banned_tokens, guard
@@ -464,3 +495,106 @@ def test_teacher_rollouts_never_hold_a_banned_token(tiny, monkeypatch, guarded):
     for r in rollouts:  # the recorded distributions: a banned id may fill a top-k slot, at p = 0
         hit = banned[r.top_idx.long()]
         assert (r.top_p[hit] == 0).all()
+
+
+def test_rollout_after_the_first_eos_has_no_target_and_one_eos_term():
+    """A hand-built trajectory whose teacher committed content after its own EOS (issue #20): the
+    rollout is EOS from there on with no teacher target, so neither the KL nor the EOS term pulls
+    against content there, and the EOS term sits on the one real end."""
+    from echocxr.model.denoise import StepRecord
+    from echocxr.train.dcd import _rollout
+
+    eos, k, B = 2, 3, 4
+
+    def rec(positions, tokens):
+        n = len(positions)
+        top_idx = torch.tensor([[t, 7, 8] for t in tokens])
+        return StepRecord(
+            positions, tokens, [0.9] * n, top_idx, torch.full((n, k), 0.3), torch.full((n,), 0.1)
+        )
+
+    # block 0 in 2 steps; block 1: EOS at in-block offset 1 committed at step 0, then content
+    # (token 9) at offsets 2 and 3 committed after it, at steps 1 and 2
+    traj = [
+        [rec([0, 1], [5, 6]), rec([2, 3], [7, 8])],
+        [rec([0, 1], [4, eos]), rec([2], [9]), rec([3], [9])],
+    ]
+    tokens = [5, 6, 7, 8, 4, eos]  # cut_at_eos: up to and including the first EOS
+    r = _rollout(0, tokens, traj, B, k, eos)
+    assert r.tokens.tolist() == [5, 6, 7, 8, 4, eos, eos, eos]
+    assert r.end == 5
+    assert r.step.tolist() == [0, 0, 1, 1, 0, 0, NO_TARGET, NO_TARGET]
+    assert r.block_steps.tolist() == [2, 2, 2, 2, 3, 3, 0, 0]
+    assert r.top_idx[5, 0] == eos and (r.top_idx[6:] == 0).all()
+
+    # the loss: changing the student at positions 6-7 changes nothing; the EOS term is position 5's
+    V = 12
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(1, 8, V, generator=g)
+    t = Targets(
+        r.tokens[None],
+        r.step[None],
+        r.top_idx.long()[None],
+        r.top_p[None],
+        r.rest[None],
+        r.block_steps[None],
+        torch.arange(8)[None] == r.end,
+    )
+    loss, logs = dcd_loss(student, t, eos, eos_weight=1.0)
+    other = student.clone()
+    other[0, 6:] = torch.randn(2, V, generator=g) * 50
+    torch.testing.assert_close(dcd_loss(other, t, eos, eos_weight=1.0)[0], loss)
+    assert logs["eos_ce"] == pytest.approx(float(-student[0, 5].log_softmax(-1)[eos]), rel=1e-5)
+
+
+def test_confidence_threshold_order_has_no_window():
+    """The paper's confidence order (`confidence_threshold`) takes the scheduled count most
+    confident first anywhere in the block; `confidence_dynamic` only among the 2n leftmost."""
+    from echocxr.model.denoise import choose
+
+    conf = torch.tensor([[0.3, 0.2, 0.1, 0.05, 0.6, 0.1, 0.1, 0.1]])
+    masked = torch.ones(1, 8, dtype=torch.bool)
+    paper = choose(conf, masked, 8, "confidence_threshold", 0.85)
+    ours = choose(conf, masked, 8, "confidence_dynamic", 0.85)
+    assert paper.nonzero()[:, 1].tolist() == [4]
+    assert ours.nonzero()[:, 1].tolist() == [0]
+    above = torch.tensor([[0.3, 0.9, 0.1, 0.05, 0.95, 0.1, 0.1, 0.1]])
+    assert choose(above, masked, 8, "confidence_threshold", 0.85).nonzero()[:, 1].tolist() == [1, 4]
+
+
+def test_ar_teacher_rollouts_are_left_to_right_blocks_of_its_greedy_decode(tiny):
+    """--teacher-decoder ar: the teacher's tokens are its greedy AR decode (the block loop at
+    block 1), regrouped into blocks of B with step = offset in the block, and the recorded
+    distribution at each position is the teacher's next-token distribution there."""
+    from echocxr.model.denoise import CachedContext, banned_tokens, denoise_blocks
+    from echocxr.train.dcd import DCDConfig, collect_rollouts
+
+    model, tok, proc, cfg = tiny
+    rng = np.random.default_rng(5)
+    exs = [Example([noise_image(rng)], "en", None, f"s{i}") for i in range(3)]
+    dcfg = DCDConfig(block_size=4, top_k=8, max_new_tokens=20, collect_batch=3, teacher_decoder="ar")
+    rollouts, _ = collect_rollouts(model, exs, tok, proc, dcfg)
+    batch = collate(
+        [Example(e.images, e.language, None, e.record_id) for e in exs], tok, proc, cfg.image_tokens
+    )
+    banned = banned_tokens(model, tok)
+    ref = denoise_blocks(
+        model,
+        CachedContext(model, batch, 20, 1),
+        3,
+        block=1,
+        steps=1,
+        max_new_tokens=20,
+        strategy="sequential",
+        banned=banned,
+    )
+    for r in rollouts:
+        toks = ref.tokens[r.example]
+        assert r.tokens[: len(toks)].tolist() == toks
+        last = r.end if r.end >= 0 else len(r.tokens) - 1
+        assert r.step[: last + 1].tolist() == [j % 4 for j in range(last + 1)]
+        assert r.top_idx[: last + 1, 0].tolist() == toks[: last + 1]  # greedy: the top token
+        full = [4] * (last // 4 * 4) + [last % 4 + 1] * (last % 4 + 1)
+        assert r.block_steps[: last + 1].tolist() == full
+    with pytest.raises(Exception, match="refresh"):
+        DCDConfig(teacher_decoder="ar", refresh="student")

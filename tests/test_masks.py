@@ -144,3 +144,55 @@ def test_flex_block_mask_agrees_with_dense():
         for b in range(n):
             tiles[a, b] = bool(dense[a * tile : (a + 1) * tile, b * tile : (b + 1) * tile].any())
     assert torch.equal(bm.to_dense()[0, 0].bool(), tiles)
+
+
+def brute_duplicated(P: int, R: int, B: int) -> torch.Tensor:
+    """[prefix | noisy | prefix | clean], written from the description: both prefix copies causal
+    within their copy; noisy block i: the clean copy's prefix, clean blocks < i, itself; clean
+    block i: the clean prefix and clean blocks <= i."""
+    L = P + R
+    S = 2 * L
+
+    def where(i):  # (copy, region, block)
+        copy = "noisy" if i < L else "clean"
+        j = i % L
+        return (copy, "prefix", None) if j < P else (copy, "response", (j - P) // B)
+
+    m = torch.zeros(S, S, dtype=torch.bool)
+    for q in range(S):
+        cq, rq, bq = where(q)
+        for k in range(S):
+            ck, rk, bk = where(k)
+            if rq == "prefix":
+                ok = rk == "prefix" and ck == cq and k <= q
+            elif cq == "noisy":
+                ok = (
+                    (ck == "clean" and rk == "prefix")
+                    or (ck == "noisy" and rk == "response" and bk == bq)
+                    or (ck == "clean" and rk == "response" and bk < bq)
+                )
+            else:
+                ok = ck == "clean" and (rk == "prefix" or bk <= bq)
+            m[q, k] = ok
+    return m
+
+
+@pytest.mark.parametrize("P,R,B", [(5, 8, 4), (7, 12, 4), (3, 16, 8), (1, 16, 16), (4, 6, 2)])
+def test_duplicated_matches_brute_force(P, R, B):
+    got = masks.dense(masks.duplicated_rule(P, R, B), 2 * (P + R), 2 * (P + R))
+    assert torch.equal(got, brute_duplicated(P, R, B))
+
+
+@pytest.mark.parametrize("P,R,B", [(5, 8, 4), (3, 16, 8)])
+def test_duplicated_supervised_rows_see_what_rad_rows_see(P, R, B):
+    """Dropping the noisy prefix copy maps the duplicated layout's response rows onto RAD's rows
+    exactly: the full-duplication baseline differs from RAD only in cost."""
+    dup = masks.dense(masks.duplicated_rule(P, R, B), 2 * (P + R), 2 * (P + R))
+    rad = masks.dense(masks.rad_rule(P, R, B), P + 2 * R, P + 2 * R)
+    keep = list(range(P, 2 * (P + R)))  # noisy response, clean prefix, clean response
+    # reorder the kept slots into RAD's order: [prefix | noisy | clean]
+    L = P + R
+    order = list(range(L, L + P)) + list(range(P, L)) + list(range(L + P, 2 * L))
+    assert sorted(order) == keep
+    assert torch.equal(dup[order][:, order], rad)
+    assert not dup[P:L, :P].any() and not dup[L:, :P].any()  # nothing reads the noisy prefix copy

@@ -340,3 +340,53 @@ def test_cpu_presets_warm_start_the_vision_tower(tmp_path):
     assert "train/vision" not in off
     with pytest.raises(UserError):
         pl.get_pipeline_preset("tiny", vision_steps=-1)
+
+
+def test_results_page_states_each_one_step_models_ratios(tmp_path):
+    """Issue #20: every one-step model's ratio to AR and to the undistilled one-step model of its
+    block size, on the grounding number, ROUGE-L and label F1 micro."""
+
+    def agg(at10, rouge, label):
+        a = _agg("phantom", at10, 10)
+        a["metrics"]["en"] |= {"rougeL_coco": {"value": rouge}, "label_f1_micro": {"value": label}}
+        return a
+
+    steps = []
+    for name, a, info in (
+        ("ar", agg(0.4, 0.6, 0.5), {"label": "ar", "group": "main", "role": "ar"}),
+        (
+            "u8",
+            agg(0.2, 0.3, 0.5),
+            {"label": "undistilled", "group": "main", "role": "onestep_undistilled", "block": 8},
+        ),
+        (
+            "d8",
+            agg(0.3, 0.6, 0.25),
+            {"label": "dcd fused", "group": "main", "role": "onestep_dcd", "block": 8},
+        ),
+    ):
+        folder = tmp_path / "eval" / name
+        folder.mkdir(parents=True)
+        (folder / "aggregate.json").write_text(json.dumps(a))
+        steps.append(pl.Step(f"eval/{name}", folder, f"echocxr eval {name}", lambda r: None, (), info))
+    opt = pl.RunOptions(out=tmp_path, iu=tmp_path, images=None)
+    text = pl.write_results(pl.get_pipeline_preset("tiny"), opt, steps, tmp_path / "R.md", None).read_text()
+    assert "## One-step models against AR and against no distillation" in text
+    assert "| dcd fused | 8 | 0.300 / 75% / 150% | 0.600 / 100% / 200% | 0.250 / 50% / 50% |" in text
+    assert "| undistilled | 8 | 0.200 / 50% / 1 | 0.300 / 50% / 1 | 0.500 / 100% / 1 |" in text
+
+
+def test_dcd_teacher_choice_reaches_the_dcd_command(tmp_path):
+    opt = pl.RunOptions(out=tmp_path, iu=tmp_path / "iu.tgz", images=None)
+    ar = {s.name: s for s in pl.plan(pl.get_pipeline_preset("tiny", dcd_teacher="ar"), opt)}
+    cmd = ar["train/dcd_b8"].command
+    assert f"--teacher {tmp_path / 'ar' / 'final'} --teacher-decoder ar" in cmd
+    assert "train/ar" in ar["train/dcd_b8"].deps
+    rad = {
+        s.name: s
+        for s in pl.plan(pl.get_pipeline_preset("tiny", dcd_teacher="rad", dcd_strategy="sequential"), opt)
+    }
+    assert "--teacher-decoder" not in rad["train/dcd_b8"].command
+    assert "--strategy sequential" in rad["train/dcd_b8"].command
+    with pytest.raises(UserError, match="dcd_teacher"):
+        pl.get_pipeline_preset("tiny", dcd_teacher="gpt")

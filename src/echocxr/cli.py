@@ -27,6 +27,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("train",): ("echocxr.train.cli", "train a stage: --stage ar | rad | dcd"),
     ("generate",): ("echocxr.decode.cli", "write reports for images with a trained checkpoint"),
     ("eval",): ("echocxr.eval.evaluate", "score a decoder on the held-out set"),
+    ("eval", "commits"): (
+        "echocxr.eval.commits",
+        "per denoising step: what the block decoder commits and how image-dependent it is",
+    ),
     ("bench", "decode"): ("echocxr.bench.decode", "decode speed of every decoder (JSON line)"),
     ("bench", "rad"): ("echocxr.bench.rad_flops", "RAD vs symmetric duplication: FLOPs and step time"),
     ("bench", "phantoms"): ("echocxr.bench.phantoms", "phantom learnability (AUROC) and render speed"),

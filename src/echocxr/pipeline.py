@@ -60,6 +60,10 @@ class PipelineConfig:
     warmup: int = 50
     distill_studies: int = 256  # DCD: studies the teacher decodes per round
     dcd_rounds: int = 1  # DCD: trajectory rounds, each on fresh studies (`--rounds`)
+    # DCD's teacher: "rad" (the paper's: the RAD model's block decoder) or "ar" (the chain's Stage 1
+    # model decoding left to right, `--teacher-decoder ar`; docs/DCD.md, "Ablations (issue #20)")
+    dcd_teacher: str = "rad"
+    dcd_strategy: str | None = None  # the RAD teacher's unmasking order (None: the decoders' default)
     workers: int = 0  # data-loading processes per train step (phantom rendering is CPU work)
     block_sizes: tuple[int, ...] = (4, 8)
     eval_limit: int | None = None  # studies per eval (None: the whole eval file)
@@ -79,6 +83,10 @@ class PipelineConfig:
             raise UserError(f"pipeline preset {self.name}: steps and batch size must be >= 1")
         if self.dcd_rounds < 1 or self.distill_studies < 1:
             raise UserError(f"pipeline preset {self.name}: dcd_rounds and distill_studies must be >= 1")
+        if self.dcd_teacher not in ("rad", "ar"):
+            raise UserError(
+                f"pipeline preset {self.name}: dcd_teacher must be rad or ar, not {self.dcd_teacher!r}"
+            )
         if self.vision_steps < 0 or self.vision_batch_size < 1:
             raise UserError(f"pipeline preset {self.name}: vision_steps must be >= 0, vision_batch_size >= 1")
         if self.ablation and self.ablation_block not in self.block_sizes:
@@ -346,14 +354,22 @@ def plan(cfg: PipelineConfig, opt: RunOptions) -> list[Step]:
             rad = train(
                 f"rad_b{B}{sfx}", "rad", str(checkpoint_dir(ar)), data, cfg.rad_steps, [f"train/ar{sfx}"], B
             )
+            teacher: list[str] = []
+            dcd_deps = [f"train/rad_b{B}{sfx}"]
+            if cfg.dcd_teacher == "ar":
+                teacher = ["--teacher", str(checkpoint_dir(ar)), "--teacher-decoder", "ar"]
+                dcd_deps.append(f"train/ar{sfx}")
+            elif cfg.dcd_strategy:
+                teacher = ["--strategy", cfg.dcd_strategy]
             dcd = train(
                 f"dcd_b{B}{sfx}",
                 "dcd",
                 str(checkpoint_dir(rad)),
                 data,
                 cfg.dcd_steps,
-                [f"train/rad_b{B}{sfx}"],
+                dcd_deps,
                 B,
+                extra=teacher,
             )
             trained[f"rad_b{B}{sfx}"], trained[f"dcd_b{B}{sfx}"] = rad, dcd
 
@@ -443,21 +459,31 @@ def plan(cfg: PipelineConfig, opt: RunOptions) -> list[Step]:
             )
 
     B_main = max(cfg.block_sizes)
-    evaluation("ar", "ar", decoder="ar", info={"per_finding": True})
+    evaluation("ar", "ar", decoder="ar", info={"per_finding": True, "role": "ar"})
     controls("ar", "ar", decoder="ar")
     for B in cfg.block_sizes:
         ks = sorted({k for k in (1, 2, 4, B) if k <= B})
         for K in ks:
             evaluation(f"rad_b{B} block K={K}", f"rad_b{B}", decoder="block", block_size=B, steps=K)
         best_k_controls(B, ks)
-        evaluation(f"rad_b{B} onestep (undistilled)", f"rad_b{B}", decoder="onestep", block_size=B)
-        evaluation(f"dcd_b{B} onestep vanilla", f"dcd_b{B}", decoder="onestep", block_size=B, fused=False)
+        undistilled = {"role": "onestep_undistilled", "block": B}
+        evaluation(
+            f"rad_b{B} onestep (undistilled)", f"rad_b{B}", decoder="onestep", block_size=B, info=undistilled
+        )
+        evaluation(
+            f"dcd_b{B} onestep vanilla",
+            f"dcd_b{B}",
+            decoder="onestep",
+            block_size=B,
+            fused=False,
+            info={"role": "onestep_dcd", "block": B},
+        )
         evaluation(
             f"dcd_b{B} onestep fused",
             f"dcd_b{B}",
             decoder="onestep",
             block_size=B,
-            info={"per_finding": B == B_main},
+            info={"per_finding": B == B_main, "role": "onestep_dcd", "block": B},
         )
         controls(f"dcd_b{B} onestep fused", f"dcd_b{B}", decoder="onestep", block_size=B)
     if cfg.eval_zh_limit:
@@ -800,6 +826,7 @@ def write_results(
     for e in data["evals"]:
         groups.setdefault(e["group"], []).append(e)
     lines += grounding_section(groups.get("main", []), groups.get("control", []))
+    lines += ratio_section(groups.get("main", []))
     lines += table(groups.get("main", []), "Every decoder on the held-out phantom studies (English)")
 
     points = [
@@ -1028,6 +1055,46 @@ def grounding_section(main: list[dict], controls: list[dict]) -> list[str]:
             out.append(f"| {f} | {_fmt(pos, 0)} | " + " | ".join(cells) + " |")
         out.append("")
     return out
+
+
+RATIO_METRICS: tuple[str, ...] = (GROUNDING_HEADLINE, "rougeL_coco", "label_f1_micro")  # issue #20
+
+
+def ratio_section(main: list[dict]) -> list[str]:
+    """Every one-step model against AR and against the undistilled one-step model of its block
+    size, on RATIO_METRICS (issue #20's targets), from the evals' `role` and `block` info."""
+    ar = next((e["aggregate"] for e in main if e.get("role") == "ar"), None)
+    undistilled = {e["block"]: e["aggregate"] for e in main if e.get("role") == "onestep_undistilled"}
+    rows = [e for e in main if e.get("role") in ("onestep_dcd", "onestep_undistilled")]
+    if ar is None or not rows:
+        return []
+
+    def ratio(a, b, key) -> str:
+        x, y = _value(a, key), (_value(b, key) if b is not None else None)
+        return "n/a" if x is None or not y else f"{x / y:.0%}"
+
+    head = " | ".join(f"{k}: value / vs AR / vs undistilled" for k in RATIO_METRICS)
+    out = [
+        "## One-step models against AR and against no distillation",
+        "",
+        "Each one-step model's value, its ratio to the AR model's and its ratio to the undistilled "
+        "one-step model of the same block size (the RAD teacher decoded in one step per block), on "
+        "all evaluated studies, normal ones included. Issue #20's targets: DCD at or above the "
+        "undistilled model on the grounding number and ROUGE-L, and at >= 90% (demo) / 95% (base) "
+        "of AR on all three.",
+        "",
+        f"| model | B | {head} |",
+        "| --- | --- " + "| --- " * len(RATIO_METRICS) + "|",
+    ]
+    for e in rows:
+        a, base = e["aggregate"], undistilled.get(e["block"])
+        cells = [
+            f"{_fmt(_value(a, k))} / {ratio(a, ar, k)} / "
+            + ("1" if e.get("role") == "onestep_undistilled" else ratio(a, base, k))
+            for k in RATIO_METRICS
+        ]
+        out.append(f"| {e['label']} | {e['block']} | " + " | ".join(cells) + " |")
+    return out + [""]
 
 
 _SHOWN = (

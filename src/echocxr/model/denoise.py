@@ -19,6 +19,9 @@ ceil(m / k), so every block is finished within K steps:
 - confidence_dynamic: commit every masked position whose confidence exceeds `threshold`, and
                       at least the scheduled count n, most confident first among the 2n
                       leftmost masked positions (`WINDOW`, see `choose`);
+- confidence_threshold: the same threshold rule, with the scheduled count taken most confident
+                      first anywhere in the block (no window): the paper's confidence order
+                      (Fast-dLLM's threshold decoding);
 - sequential:         commit the scheduled count, leftmost first (steps == B: one token per step).
 
 A row stops after the block that holds its first EOS; its later blocks are filled with EOS and it
@@ -41,7 +44,8 @@ from echocxr.model.layout import (
     uncached_inputs,
 )
 
-STRATEGIES = ("confidence_dynamic", "confidence_static", "sequential")  # the unmasking orders
+# the unmasking orders (module docstring)
+STRATEGIES = ("confidence_dynamic", "confidence_threshold", "confidence_static", "sequential")
 
 # The block defaults, one source for RAD training, DCD's teacher, the decoders and eval (all of
 # them import this module; `decode.config.DecodeConfig` repeats none of them).
@@ -245,7 +249,8 @@ def choose(conf: torch.Tensor, masked: torch.Tensor, steps_left: int, strategy: 
 
     confidence_dynamic commits every masked position above `threshold`, anywhere in the block,
     and fills the rest of the scheduled count n = ceil(m / steps_left) most confident first among
-    the WINDOW * n leftmost masked positions only. Without the window, a step in which nothing
+    the WINDOW * n leftmost masked positions only; confidence_threshold is the same rule without
+    the window (the paper's confidence order). Without the window, a step in which nothing
     is confident commits the block's most confident position, and at B = 8 that is typically a
     filler token far to the right (" the" at position 5 with probability 0.3) whose marginal pools
     many report templates; every later step then fills the block around it, so the first content
@@ -256,10 +261,12 @@ def choose(conf: torch.Tensor, masked: torch.Tensor, steps_left: int, strategy: 
     n = -(-m // steps_left)  # the scheduled count: ceil(m / steps_left), 0 for finished rows
     if strategy == "sequential":
         score = -torch.arange(B, device=conf.device, dtype=conf.dtype).expand_as(conf)
-    elif strategy == "confidence_dynamic":
+    elif strategy in ("confidence_dynamic", "confidence_threshold"):
         above = (conf > threshold) & masked
         left_rank = masked.long().cumsum(1) - 1  # 0 for the leftmost masked position
         in_window = masked & (left_rank < WINDOW * n[:, None])
+        if strategy == "confidence_threshold":
+            in_window = masked
         # confidences are in [0, 1]: above-threshold positions first, then the window by confidence
         score = torch.where(above, 2.0, torch.where(in_window, conf, -1.0))
         n = torch.maximum(n, above.sum(1))

@@ -185,6 +185,37 @@ def rad_inputs(model, batch, x_t: torch.Tensor, *, freeze_vision: bool, block: i
     return x, pos, attention_mask(masks.rad_rule(P, R, block), valid, flex=flex)
 
 
+LAYOUTS = ("rad", "duplicated")  # Stage 2's training layouts: ECHO's RAD and the full-duplication ablation
+
+
+def duplicated_inputs(
+    model, batch, x_t: torch.Tensor, *, freeze_vision: bool, block: int, flex: bool = False
+):
+    """The full-duplication ablation of Stage 2 (issue #20): [prompt | x_t | prompt | x_0], S =
+    2(P + R), under `masks.duplicated` (the vision features are computed once and placed in both
+    prompt copies; the language model runs over both). Returns embeddings, positions (each copy
+    its own prompt's and the response's) and the mask, like `rad_inputs`."""
+    x0 = batch.response_ids
+    rows, P = batch.prompt_ids.shape
+    R = x0.shape[1]
+    x_prompt, pos_prompt = prompt_inputs(model, batch, freeze_vision=freeze_vision)
+    x = torch.cat([x_prompt, model.embed(x_t), x_prompt, model.embed(x0)], 1)
+    resp = response_positions(pos_prompt, R)
+    pos = torch.cat([pos_prompt, resp, pos_prompt, resp], 2)
+    ones = torch.ones(rows, R, dtype=torch.bool, device=x0.device)
+    valid = torch.cat([batch.prompt_valid, ones, batch.prompt_valid, ones], 1)
+    return x, pos, attention_mask(masks.duplicated_rule(P, R, block), valid, flex=flex)
+
+
+def duplicated_logit_index(prefix: int, response: int, block: int, shift: bool = AR_SHIFT) -> torch.Tensor:
+    """`response_logit_index` for the duplicated layout [R]: the same slots, moved to where they
+    sit in [prompt | noisy | prompt | clean] (the clean copy's prompt and response follow the
+    noisy response)."""
+    idx = response_logit_index(prefix, response, block, shift)
+    L = prefix + response
+    return torch.where(idx < prefix, idx + L, torch.where(idx < L, idx, idx + prefix))
+
+
 def rad_student_logits(
     model,
     batch,

@@ -63,6 +63,31 @@ def symmetric(q, k, *, length: int, block: int):
     return diagonal | offset_block_causal | clean_block_causal
 
 
+def duplicated(q, k, *, prefix: int, response: int, block: int):
+    """The full-duplication training baseline over [prefix | noisy x_t | prefix | clean x_0]
+    (issue #20's RAD ablation): the whole sequence appears twice, as in earlier AR-to-diffusion
+    conversions, with ECHO's rules otherwise. Each prefix copy is causal within itself; noisy block i
+    sees the clean copy's prefix, clean blocks < i and itself; clean block i sees the clean prefix
+    and clean blocks <= i. Nothing supervised reads the noisy copy of the prefix: this layout costs
+    the extra prefix, and `rad` is the same rule without it."""
+    P, R = prefix, response
+    L = P + R
+    q_noisy, k_noisy = q < L, k < L
+    qb = torch.where(q_noisy, q, q - L) - P  # offset within the copy's response (negative: prefix)
+    kb = torch.where(k_noisy, k, k - L) - P
+    same_copy = q_noisy == k_noisy
+    prefix_rule = same_copy & (qb < 0) & (kb < 0) & (q >= k)
+    q_resp, k_resp = qb >= 0, kb >= 0
+    qi, ki = torch.div(qb, block, rounding_mode="floor"), torch.div(kb, block, rounding_mode="floor")
+    noisy_rule = (
+        q_noisy
+        & q_resp
+        & ((~k_noisy & ~k_resp) | (k_noisy & k_resp & (ki == qi)) | (~k_noisy & k_resp & (ki < qi)))
+    )
+    clean_rule = ~q_noisy & q_resp & ~k_noisy & (~k_resp | (ki <= qi))
+    return prefix_rule | noisy_rule | clean_rule
+
+
 def dense(rule, q_len: int, k_len: int, *, q_offset: int = 0, device=None) -> torch.Tensor:
     """Materialize `rule` as a [q_len, k_len] bool tensor; query i has index q_offset + i."""
     q = torch.arange(q_offset, q_offset + q_len, device=device)[:, None]
@@ -89,6 +114,10 @@ def rad_rule(prefix: int, response: int, block: int):
 
 def symmetric_rule(length: int, block: int):
     return partial(symmetric, length=length, block=block)
+
+
+def duplicated_rule(prefix: int, response: int, block: int):
+    return partial(duplicated, prefix=prefix, response=response, block=block)
 
 
 def prompt_then_blocks(q, k, *, prefix: int, block: int):

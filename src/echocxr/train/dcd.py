@@ -14,8 +14,15 @@ Phase 2 (alignment). The student sees, in the RAD layout [prefix | all-mask bloc
 tokens], every block fully masked and conditioned on the teacher's committed blocks before it, so all
 blocks of a rollout train in one forward. Per position j with teacher target p_j (top-k + rest):
 
-    L = sum_j w_j KL(p_j || q_j) / sum_j w_j  +  lambda_eos * mean_{j: y_j = EOS} -log q_j(EOS)
-    w_j = 1 + alpha * s_j / (K - 1)      (later commits carry more mean-field bias)
+    L = sum_j w_j KL(p_j || q_j) / sum_j w_j  +  lambda_eos * mean_rollouts -log q_end(EOS)
+    w_j = 1 + alpha * s_j / (S_b - 1)    (later commits carry more mean-field bias)
+
+s_j is the step of its block at which position j was committed and S_b the number of steps that
+block actually took (a dynamic teacher often finishes a block before K), so the last commit of
+every block weighs 1 + alpha. "end" is the rollout's first EOS: the one place the EOS term
+supervises. Positions after it carry no target at all (the one-step decoder cuts a block at its
+first EOS, so nothing it predicts there is ever read; the teacher's distribution there, often
+content committed after its own EOS, would pull against the EOS-padded context).
 
 KL over k + 1 buckets: the teacher's top-k tokens and one "rest" bucket (the student's mass outside
 the teacher's top-k). That coarsening can only lower the KL (data-processing inequality); docs/DCD.md
@@ -31,12 +38,13 @@ teacher).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
 from echocxr.model import denoise
+from echocxr.model.denoise import StepRecord
 from echocxr.model.layout import AR_SHIFT, checkpoint_fields, rad_student_logits
 from echocxr.model.vlm import EchoVLM
 from echocxr.train.loop import is_sharded
@@ -44,6 +52,11 @@ from echocxr.train.loop import is_sharded
 OBJECTIVES = ("dcd", "onestep-ft")
 KL_DIRECTIONS = ("forward", "reverse")
 REFRESH = ("teacher", "student")
+# How the teacher writes its trajectories. "block": the paper's, the RAD teacher's multi-step block
+# decoder (`strategy`, `threshold`, `teacher_steps`). "ar": an AR checkpoint (`--teacher`, e.g. the
+# Stage 1 model) decoding token by token; within each block of B positions the step of position
+# j is its offset j mod B (left-to-right order) and p_j is the AR model's next-token distribution.
+TEACHER_DECODERS = ("block", "ar")
 NO_TARGET = -1  # step value of a position without a teacher distribution (EOS padding past the rollout)
 
 
@@ -55,11 +68,12 @@ class Targets:
     """Teacher targets for a batch of rollouts, aligned with the response [B, R]."""
 
     tokens: torch.Tensor  # [B, R] teacher's committed tokens (EOS-padded to whole blocks)
-    step: torch.Tensor  # [B, R] long, unmask step 0..K-1 within the block; NO_TARGET where none
+    step: torch.Tensor  # [B, R] long, unmask step 0..S_b-1 within the block; NO_TARGET where none
     top_idx: torch.Tensor  # [B, R, k] long
     top_p: torch.Tensor  # [B, R, k] teacher probabilities of those tokens
     rest: torch.Tensor  # [B, R] teacher mass outside its top-k
-    steps: int  # K: denoising steps per block the teacher ran
+    block_steps: torch.Tensor  # [B, R] long: S_b, the steps the position's block took (0 where none)
+    end: torch.Tensor  # [B, R] bool: the rollout's first EOS (the EOS term's one position per row)
 
 
 def topk_target(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -106,11 +120,13 @@ def kl_topk(
     raise ValueError(f"unknown KL direction {direction!r}")
 
 
-def step_weights(step: torch.Tensor, steps: int, alpha: float) -> torch.Tensor:
-    """w = 1 + alpha * s / (K - 1): the last-committed positions weigh 1 + alpha, the first 1."""
-    if steps <= 1 or alpha == 0:
-        return torch.ones_like(step, dtype=torch.float32)
-    return 1.0 + alpha * step.clamp_min(0).float() / (steps - 1)
+def step_weights(step: torch.Tensor, block_steps: torch.Tensor, alpha: float) -> torch.Tensor:
+    """w = 1 + alpha * s / (S_b - 1) per position (step, block_steps: same-shape long tensors):
+    the last commit of each block weighs 1 + alpha and its first 1, whether the block took the
+    teacher's nominal K steps or fewer; a block finished in one step weighs 1 throughout."""
+    span = (block_steps - 1).clamp_min(1).float()
+    w = 1.0 + alpha * step.clamp_min(0).float() / span
+    return torch.where(block_steps > 1, w, torch.ones_like(w))
 
 
 def dcd_loss(
@@ -135,14 +151,10 @@ def dcd_loss(
         targets.rest.reshape(-1)[has],
         kl,
     )
-    w = step_weights(step[has], targets.steps, alpha)
+    w = step_weights(step[has], targets.block_steps.reshape(-1)[has], alpha)
     loss_kl = (w * div).sum() / w.sum().clamp_min(1e-8)
-    is_eos = targets.tokens.reshape(-1) == eos
-    loss_eos = (
-        F.cross_entropy(flat[is_eos].float(), targets.tokens.reshape(-1)[is_eos])
-        if is_eos.any()
-        else flat.sum() * 0
-    )
+    end = targets.end.reshape(-1)
+    loss_eos = -flat[end].float().log_softmax(-1)[:, eos].mean() if bool(end.any()) else flat.sum() * 0
     loss = loss_kl + eos_weight * loss_eos
     logs = {
         "kl": loss_kl.item(),
@@ -204,6 +216,7 @@ class DCDConfig:
     max_new_tokens: int | None = None  # longest teacher rollout; None: the teacher's max_response_tokens
     rounds: int = 1
     refresh: str = "teacher"  # who decodes the trajectories of rounds after the first
+    teacher_decoder: str = "block"  # TEACHER_DECODERS
     distill_studies: int = 256
     collect_batch: int = 8
     seed: int = 0
@@ -217,6 +230,14 @@ class DCDConfig:
             raise UserError(f"--kl must be one of {KL_DIRECTIONS}, not {self.kl!r}")
         if self.strategy not in denoise.STRATEGIES:
             raise UserError(f"--strategy must be one of {denoise.STRATEGIES}, not {self.strategy!r}")
+        if self.teacher_decoder not in TEACHER_DECODERS:
+            raise UserError(
+                f"--teacher-decoder must be one of {TEACHER_DECODERS}, not {self.teacher_decoder!r}"
+            )
+        if self.teacher_decoder == "ar" and self.refresh != "teacher":
+            raise UserError(
+                "--teacher-decoder ar decodes every round with the AR teacher: use --refresh teacher"
+            )
         if self.refresh not in REFRESH:
             raise UserError(f"--refresh must be one of {REFRESH}, not {self.refresh!r}")
         if self.block_size < 1 or self.top_k < 1 or self.rounds < 1 or self.distill_studies < 1:
@@ -240,10 +261,12 @@ class Rollout:
 
     example: int  # index into the distillation set (the images the teacher saw, rendered once)
     tokens: torch.Tensor  # [R] committed tokens up to the end of the EOS block (R: whole blocks)
-    step: torch.Tensor  # [R] long: unmask step within the block
+    step: torch.Tensor  # [R] long: unmask step within the block; NO_TARGET after the first EOS
     top_idx: torch.Tensor  # [R, k] int32
     top_p: torch.Tensor  # [R, k] float32
     rest: torch.Tensor  # [R] float32
+    block_steps: torch.Tensor  # [R] long: steps the position's block took (S_b)
+    end: int  # index of the first EOS, -1 for a rollout that hit max_new_tokens without one
 
 
 def stratified_sample(records: list, n: int, seed: int) -> list:
@@ -303,23 +326,45 @@ def distill_examples(
     return out
 
 
+def _ar_rollout(example: int, tokens: list[int], row_trajectory, block: int, k: int, eos: int) -> Rollout:
+    """An AR teacher's output (decoded as blocks of one token: row_trajectory[t] = [StepRecord of
+    token t]) regrouped into blocks of `block`: position j was committed at step j mod block of its
+    block, and block b took as many steps as it has positions up to the first EOS."""
+    blocks = []
+    for b in range(0, len(row_trajectory), block):
+        recs = [steps[0] for steps in row_trajectory[b : b + block]]
+        blocks.append(
+            [StepRecord([j], r.tokens, r.confidence, r.top_idx, r.top_p, r.rest) for j, r in enumerate(recs)]
+        )
+    return _rollout(example, tokens, blocks, block, k, eos)
+
+
 def _rollout(example: int, tokens: list[int], row_trajectory, block: int, k: int, eos: int) -> Rollout:
-    """Teacher output of one row -> per-position targets over whole blocks up to its EOS block."""
+    """Teacher output of one row (tokens up to and including its first EOS, `cut_at_eos`) and its
+    trajectory -> per-position targets over whole blocks up to its EOS block. Every position after
+    the first EOS is EOS with no teacher target, whatever the teacher committed there (module
+    docstring); S_b is the number of steps block b took."""
     R = -(-len(tokens) // block) * block
     ids = torch.full((R,), eos, dtype=torch.long)
     ids[: len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    end = tokens.index(eos) if eos in tokens else -1
+    last = end if end >= 0 else R - 1  # the last position with a target
     step = torch.full((R,), NO_TARGET, dtype=torch.long)
+    block_steps = torch.zeros(R, dtype=torch.long)
     top_idx = torch.zeros(R, k, dtype=torch.int32)
     top_p = torch.zeros(R, k)
     rest = torch.ones(R)
     for b, steps in enumerate(row_trajectory[: R // block]):
         for s, rec in enumerate(steps):
             pos = b * block + torch.as_tensor(rec.positions, dtype=torch.long)
+            keep = pos <= last
+            pos = pos[keep]
             step[pos] = s
-            top_idx[pos] = torch.as_tensor(rec.top_idx, dtype=torch.int32)[:, :k]
-            top_p[pos] = torch.as_tensor(rec.top_p, dtype=torch.float32)[:, :k]
-            rest[pos] = torch.as_tensor(rec.rest, dtype=torch.float32)
-    return Rollout(example, ids, step, top_idx, top_p, rest)
+            block_steps[pos] = len(steps)
+            top_idx[pos] = torch.as_tensor(rec.top_idx, dtype=torch.int32)[keep, :k]
+            top_p[pos] = torch.as_tensor(rec.top_p, dtype=torch.float32)[keep, :k]
+            rest[pos] = torch.as_tensor(rec.rest, dtype=torch.float32)[keep]
+    return Rollout(example, ids, step, top_idx, top_p, rest, block_steps, end)
 
 
 @torch.no_grad()
@@ -360,6 +405,10 @@ def decode_share(
     rollouts, looped, unfinished = [], 0, 0
     max_new = cfg.max_new_tokens or decoder.config.max_response_tokens
     n_tokens = -(-max_new // cfg.block_size) * cfg.block_size
+    ar = cfg.teacher_decoder == "ar"
+    # an AR teacher is the block loop at block 1, one step: each token read from the logits at the
+    # token before it (the shift), then committed (`model.denoise` module docstring)
+    block, steps, strategy = (1, 1, "sequential") if ar else (cfg.block_size, cfg.steps, cfg.strategy)
     # the decoders' guard: the teacher never commits the mask token or a special token other than
     # EOS, so no rollout teaches the student one (its recorded distributions put 0 mass on them)
     banned = denoise.banned_tokens(decoder, tokenizer)
@@ -371,12 +420,12 @@ def decode_share(
         batch = collate(prompts, tokenizer, processor, tpi).to(decoder.device)
         out = denoise.denoise_blocks(
             decoder,
-            denoise.CachedContext(decoder, batch, n_tokens, cfg.block_size),
+            denoise.CachedContext(decoder, batch, n_tokens, block),
             batch.size,
-            block=cfg.block_size,
-            steps=cfg.steps,
+            block=block,
+            steps=steps,
             max_new_tokens=max_new,
-            strategy=cfg.strategy,
+            strategy=strategy,
             threshold=cfg.threshold,
             seed=cfg.seed,
             record_top_k=cfg.top_k,
@@ -388,7 +437,9 @@ def decode_share(
                 looped += 1
                 continue
             unfinished += int(not tokens or tokens[-1] != eos)
-            rollouts.append(_rollout(j, tokens, traj, cfg.block_size, cfg.top_k, eos))
+            rollouts.append(
+                (_ar_rollout if ar else _rollout)(j, tokens, traj, cfg.block_size, cfg.top_k, eos)
+            )
     decoder.train(was_training)
     return rollouts, looped, unfinished
 
@@ -527,14 +578,16 @@ class DCDStage:
             torch.zeros(B, R, k, dtype=torch.long),
             torch.zeros(B, R, k),
             torch.ones(B, R),
-            self.cfg.steps,
+            torch.zeros(B, R, dtype=torch.long),
+            torch.zeros(B, R, dtype=torch.bool),
         )
         for b, r in enumerate(rollouts):
             n = len(r.tokens)
             t.tokens[b, :n], t.step[b, :n], t.top_idx[b, :n] = r.tokens, r.step, r.top_idx.long()
-            t.top_p[b, :n], t.rest[b, :n] = r.top_p, r.rest
-        dev = model.device
-        return batch, Targets(*(x.to(dev) for x in (t.tokens, t.step, t.top_idx, t.top_p, t.rest)), t.steps)
+            t.top_p[b, :n], t.rest[b, :n], t.block_steps[b, :n] = r.top_p, r.rest, r.block_steps
+            if r.end >= 0:
+                t.end[b, r.end] = True
+        return batch, Targets(*(getattr(t, f.name).to(model.device) for f in fields(Targets)))
 
     def state_dict(self) -> dict:
         return {
@@ -543,6 +596,7 @@ class DCDStage:
             "rollouts": [
                 {"example": r.example, "tokens": r.tokens, "step": r.step}
                 | {"top_idx": r.top_idx, "top_p": r.top_p, "rest": r.rest}
+                | {"block_steps": r.block_steps, "end": r.end}
                 for r in self.rollouts
             ],
         }
@@ -550,8 +604,24 @@ class DCDStage:
     def load_state_dict(self, state: dict) -> None:
         self.round, self.collect_stats = state["round"], list(state["collect_stats"])
         self.examples = self.distill_set(self.round) if self.round >= 0 else []
+        if state["rollouts"] and "end" not in state["rollouts"][0]:
+            from echocxr.errors import UserError
+
+            raise UserError(
+                "this DCD resume state predates per-block step counts and the EOS end position "
+                "(issue #20): start the DCD stage again without --resume"
+            )
         self.rollouts = [
-            Rollout(d["example"], d["tokens"], d["step"], d["top_idx"], d["top_p"], d["rest"])
+            Rollout(
+                d["example"],
+                d["tokens"],
+                d["step"],
+                d["top_idx"],
+                d["top_p"],
+                d["rest"],
+                d["block_steps"],
+                d["end"],
+            )
             for d in state["rollouts"]
         ]
 
@@ -574,7 +644,12 @@ def add_stage_arguments(parser) -> None:
     g.add_argument("--teacher", help="RAD checkpoint that decodes the trajectories (default: --init)")
     g.add_argument("--objective", choices=OBJECTIVES, default=d.objective)
     g.add_argument("--kl", choices=KL_DIRECTIONS, default=d.kl, help="KL direction (paper: forward)")
-    g.add_argument("--alpha", type=float, default=d.alpha, help="step weight w = 1 + alpha * s / (K - 1)")
+    g.add_argument(
+        "--alpha",
+        type=float,
+        default=d.alpha,
+        help="step weight w = 1 + alpha * s / (S_b - 1), S_b: steps the block took",
+    )
     g.add_argument("--no-step-weight", action="store_true", help="ablation: w = 1 for every position")
     g.add_argument("--eos-weight", type=float, default=d.eos_weight, help="weight of the EOS cross-entropy")
     g.add_argument("--no-eos-loss", action="store_true", help="ablation: drop the EOS cross-entropy")
@@ -590,6 +665,12 @@ def add_stage_arguments(parser) -> None:
     )
     g.add_argument("--rounds", type=int, default=d.rounds, help="trajectory collection rounds")
     g.add_argument("--refresh", choices=REFRESH, default=d.refresh, help="who decodes rounds after the first")
+    g.add_argument(
+        "--teacher-decoder",
+        choices=TEACHER_DECODERS,
+        default=d.teacher_decoder,
+        help="block: the RAD teacher's multi-step block decoder (paper); ar: an AR --teacher, left to right",
+    )
     g.add_argument(
         "--distill-studies", type=int, default=d.distill_studies, help="studies, stratified by source"
     )
@@ -623,6 +704,7 @@ def build_stage(args, model: EchoVLM, tokenizer, processor) -> DCDStage:
         max_new_tokens=args.max_new_tokens,
         rounds=args.rounds,
         refresh=args.refresh,
+        teacher_decoder=args.teacher_decoder,
         distill_studies=args.distill_studies,
         collect_batch=args.collect_batch,
         seed=args.seed,

@@ -33,7 +33,14 @@ import torch
 import torch.nn.functional as F
 
 from echocxr.model.denoise import BLOCK_SIZE
-from echocxr.model.layout import checkpoint_fields, rad_inputs, response_logit_index
+from echocxr.model.layout import (
+    LAYOUTS,
+    checkpoint_fields,
+    duplicated_inputs,
+    duplicated_logit_index,
+    rad_inputs,
+    response_logit_index,
+)
 from echocxr.model.vlm import EchoVLM
 
 
@@ -45,6 +52,9 @@ class RADConfig:
     # "flex": FlexAttention block mask (GPU; skips fully masked tiles, which is where RAD saves
     # attention work). "dense": a boolean mask for SDPA (CPU, and the safe default).
     attention: str = "dense"
+    # "rad": ECHO's layout. "duplicated": the full-duplication ablation (`masks.duplicated`): the
+    # prompt appears twice, S = 2(P + R) instead of P + 2R, same loss (issue #20, docs/RAD.md).
+    layout: str = "rad"
 
     def __post_init__(self) -> None:
         from echocxr.errors import UserError
@@ -53,6 +63,8 @@ class RADConfig:
             raise UserError(f"--block-size must be >= 1, got {self.block_size}")
         if self.attention not in ("dense", "flex"):
             raise UserError(f"--attention must be dense or flex, got {self.attention!r}")
+        if self.layout not in LAYOUTS:
+            raise UserError(f"--layout must be one of {LAYOUTS}, got {self.layout!r}")
 
 
 @dataclass
@@ -72,9 +84,17 @@ def sample_noise(rows: int, response: int, block: int, generator: torch.Generato
 
 
 def rad_loss(
-    model: EchoVLM, batch, noise: Noise, *, block: int, freeze_vision: bool = True, flex: bool = False
+    model: EchoVLM,
+    batch,
+    noise: Noise,
+    *,
+    block: int,
+    freeze_vision: bool = True,
+    flex: bool = False,
+    layout: str = "rad",
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The RAD objective (module docstring) for one batch and one draw of the noise."""
+    """The RAD objective (module docstring) for one batch and one draw of the noise, in the RAD
+    layout or (layout="duplicated") the full-duplication ablation's."""
     x0 = batch.response_ids
     rows, P = batch.prompt_ids.shape
     R = x0.shape[1]
@@ -82,9 +102,14 @@ def rad_loss(
         raise ValueError(f"response length {R} is not a multiple of the block size {block}")
     masked = noise.masked.to(x0.device)
     x_t = torch.where(masked, model.special.mask, x0)
-    x, pos, mask = rad_inputs(model, batch, x_t, freeze_vision=freeze_vision, block=block, flex=flex)
+    inputs, index = (
+        (duplicated_inputs, duplicated_logit_index)
+        if layout == "duplicated"
+        else (rad_inputs, response_logit_index)
+    )
+    x, pos, mask = inputs(model, batch, x_t, freeze_vision=freeze_vision, block=block, flex=flex)
     h = model(x, pos, mask)
-    idx = response_logit_index(P, R, block).to(x0.device)
+    idx = index(P, R, block).to(x0.device)
     logits = model.logits(h[:, idx][masked])  # [N_masked, V]: only the supervised slots
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32 softmax
     target = x0[masked]
@@ -114,7 +139,12 @@ class RADStage:
         self.multiple_of = cfg.block_size
         self.freeze_vision = cfg.freeze_vision
         # saved beside the weights: decoders and DCD read the block size from the checkpoint
-        self.checkpoint_meta = {"stage": "rad", "block_size": cfg.block_size, **checkpoint_fields()}
+        self.checkpoint_meta = {
+            "stage": "rad",
+            "block_size": cfg.block_size,
+            "rad_layout": cfg.layout,
+            **checkpoint_fields(),
+        }
 
     def loss(self, model: EchoVLM, batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
@@ -122,7 +152,13 @@ class RADStage:
         noise = sample_noise(rows, R, self.cfg.block_size, g)
         flex = self.cfg.attention == "flex"
         return rad_loss(
-            model, batch, noise, block=self.cfg.block_size, freeze_vision=self.freeze_vision, flex=flex
+            model,
+            batch,
+            noise,
+            block=self.cfg.block_size,
+            freeze_vision=self.freeze_vision,
+            flex=flex,
+            layout=self.cfg.layout,
         )
 
     def state_dict(self) -> dict:
@@ -155,6 +191,12 @@ def add_stage_arguments(parser) -> None:
     g.add_argument(
         "--train-vision", action="store_true", help="also train the vision tower and merger (paper: frozen)"
     )
+    g.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default=d.layout,
+        help="duplicated: the full-duplication ablation (the prompt twice; same loss, more compute)",
+    )
 
 
 def build_stage(args, model: EchoVLM, tokenizer, processor) -> RADStage:
@@ -164,6 +206,7 @@ def build_stage(args, model: EchoVLM, tokenizer, processor) -> RADStage:
         freeze_vision=not args.train_vision,
         seed=getattr(args, "seed", 0),
         attention=args.attention,
+        layout=args.layout,
     )
     if cfg.freeze_vision:
         model.visual.requires_grad_(False)
