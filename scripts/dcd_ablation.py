@@ -31,6 +31,14 @@ VARIANTS: dict[str, list[str]] = {
     "one_round": ["--rounds", "1"],
     # not the paper's teacher: the run's Stage 1 AR model writes the trajectories left to right
     "teacher_ar": ["--teacher", "{run}/ar/final", "--teacher-decoder", "ar"],
+    "teacher_ar_steps_x2": [
+        "--teacher",
+        "{run}/ar/final",
+        "--teacher-decoder",
+        "ar",
+        "--steps",
+        "{steps_x2}",
+    ],
 }
 METRICS = ("phantom_abn_macro_f1@10", "rougeL_coco", "label_f1_micro")
 START, END = "<!-- dcd-ablation:start -->", "<!-- dcd-ablation:end -->"
@@ -121,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out or run / f"ablation_dcd_b{args.block}")
         base = recorded_argv(run / f"dcd_b{args.block}")
         eval_en = run / "data" / "eval_en.jsonl"
+        steps_x2 = str(2 * int(base[base.index("--steps") + 1]))  # twice the run's DCD steps
         refs = {
             "AR": values(run / "eval" / "ar" / "aggregate.json"),
             "undistilled one-step": values(
@@ -128,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
             ),
         }
         rows = {
-            n: run_variant(n, [f.format(run=run) for f in VARIANTS[n]], base, out, eval_en, args.block)
+            n: run_variant(
+                n, [f.format(run=run, steps_x2=steps_x2) for f in VARIANTS[n]], base, out, eval_en, args.block
+            )
             for n in names
         }
         command = "python scripts/dcd_ablation.py " + shlex.join(a for a in (argv or sys.argv[1:]))

@@ -265,7 +265,8 @@ def test_bench_cli_runs_on_tiny(tmp_path, capsys):
     for r in lines:
         V, R = r["V"], r["R"]
         assert r["flop_ratio_linear"] == pytest.approx(2 * (V + R) / (V + 2 * R))
-        assert r["step_s"]["rad"] > 0 and r["step_s"]["symmetric"] > 0
+        assert r["step_s"]["rad"] > 0 and r["step_s"]["symmetric"] > 0 and r["step_s"]["duplicated"] > 0
+        assert r["duplicated"]["linear"] == r["symmetric"]["linear"]  # the same length 2(V + R)
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
 
 

@@ -110,6 +110,9 @@ PRESETS: dict[str, PipelineConfig] = {
         warmup=50,
         distill_studies=128,
         dcd_rounds=4,  # fresh studies per round: one set of trajectories is memorised (docs/PIPELINE.md)
+        # the only teacher whose student reaches the undistilled one-step grounding here (docs/DCD.md,
+        # "Ablations (issue #20)"); not the paper's, and the results page says so
+        dcd_teacher="ar",
         block_sizes=(8,),  # the headline block; `base` trains blocks 4 and 8
         ablation=False,
         eval_limit=None,  # all 200 EN eval studies: at 64, at most 3 findings reach 5 positives
@@ -133,6 +136,7 @@ PRESETS: dict[str, PipelineConfig] = {
         warmup=50,
         distill_studies=256,
         dcd_rounds=4,
+        dcd_teacher="ar",  # as `tiny` (measured on `tiny` only; docs/DCD.md)
         eval_limit=200,
         eval_zh_limit=64,
         eval_batch_size=32,
@@ -765,7 +769,7 @@ def write_results(
         f"`{cfg.model}` preset trained from scratch (Stage 0 {cfg.vision_steps} steps at batch "
         f"{cfg.vision_batch_size}; AR {cfg.ar_steps}, RAD {cfg.rad_steps} and DCD {cfg.dcd_steps} steps at "
         f"batch {cfg.batch_size}, DCD over {cfg.dcd_rounds} round(s) of {cfg.distill_studies} teacher-decoded "
-        "studies) on IU X-ray reports with "
+        f"studies, {_TEACHER[cfg.dcd_teacher]}) on IU X-ray reports with "
         "**phantom radiographs** rendered from each study's MeSH findings (no real images exist "
         "here). They demonstrate that the chain runs and how the decoders trade speed for quality "
         "at this scale; they are not ECHO's results and carry no clinical meaning. Intervals are "
@@ -1057,6 +1061,11 @@ def grounding_section(main: list[dict], controls: list[dict]) -> list[str]:
     return out
 
 
+_TEACHER = {
+    "rad": "the RAD model's block decoder as DCD's teacher (the paper's)",
+    "ar": "the Stage 1 AR model as DCD's teacher, left to right (not the paper's ECHO_Base teacher: "
+    "docs/DCD.md, 'Ablations (issue #20)')",
+}
 RATIO_METRICS: tuple[str, ...] = (GROUNDING_HEADLINE, "rougeL_coco", "label_f1_micro")  # issue #20
 
 
