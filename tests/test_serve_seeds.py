@@ -26,7 +26,9 @@ SAMPLED = dict(max_new_tokens=N, temperature=1.0, top_k=50, top_p=0.95)
 CONFIGS = {
     "ar": DecodeConfig(decoder="ar", **SAMPLED),
     "block": DecodeConfig(decoder="block", block_size=4, steps=2, **SAMPLED),
-    "block-sequential": DecodeConfig(decoder="block", block_size=4, steps=4, strategy="sequential", **SAMPLED),
+    "block-sequential": DecodeConfig(
+        decoder="block", block_size=4, steps=4, strategy="sequential", **SAMPLED
+    ),
     "onestep": DecodeConfig(decoder="onestep", block_size=4, **SAMPLED),
 }
 
