@@ -423,6 +423,18 @@ def test_every_kind_of_error_has_the_openai_layout(server, png):
         )
 
 
+def test_an_unexpected_exception_is_a_500_in_the_layout(backend, png):
+    class Broken(SlowBackend):
+        def example(self, images, language):
+            raise RuntimeError("a bug\nwith two lines")
+
+    app = create_app(Broken(backend), ServeConfig(limits=LIMITS))
+    with BackgroundServer(app) as url:
+        err = assert_error_layout(post(url, chat_body(png)), 500, None, "internal_error")
+        assert err["message"] == "internal error: RuntimeError: a bug"
+        assert post(url, {"model": "x"}).status_code == 400  # and it goes on
+
+
 # ----------------------------------------------------------------------------------- 6. messages
 
 
@@ -488,6 +500,11 @@ def test_a_deeply_nested_body_is_a_clean_400(server, png):
         r = httpx.post(server + CHAT, content=deep, headers={"content-type": "application/json"}, timeout=60)
         err = assert_error_layout(r, 400, None)
         assert "nested too deeply" in err["message"]
+    # deep enough to parse, deep enough to break a recursive check or repr of the value later
+    for field in ("tools", "tool_choice", "stop", "metadata"):
+        deep = {**chat_body(png), field: json.loads("[" * 900 + "]" * 900)}
+        err = assert_error_layout(post(server, deep), 400, None)
+        assert "nested deeper than" in err["message"]
     ok = chat_body(png, max_tokens=4, metadata={"a": "b"})
     assert post(server, ok).status_code == 200  # the server goes on
 

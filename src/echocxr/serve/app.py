@@ -268,6 +268,10 @@ def create_app(backend, config: ServeConfig | None = None) -> FastAPI:
         err = request_error(e.errors())
         return error_response(400, str(err), err.param, err.code)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request, e: Exception):  # a bug: still one line in the error layout
+        return error_response(500, f"internal error: {type(e).__name__}: {e}".splitlines()[0])
+
     @app.exception_handler(404)
     async def _not_found(request, e):
         return error_response(404, f"no such endpoint: {request.method} {request.url.path}")

@@ -25,6 +25,7 @@ from echocxr.errors import UserError
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # OpenAI's range for `seed`
 MAX_N = 128  # OpenAI's ceiling for `n`
 MAX_STOP = 4  # OpenAI's ceiling for the number of `stop` phrases
+MAX_DEPTH = 32  # JSON nesting a body may have (a chat request needs 6); deeper is a 400
 
 SUPPORTED = (
     "model",
@@ -244,6 +245,8 @@ def parse_request(raw) -> ChatRequest:
     `stream: true`, or a REFUSED parameter with a value that asks for something."""
     if not isinstance(raw, dict):
         raise RequestError(f"the body must be a JSON object, got a {type(raw).__name__}")
+    if _depth(raw) > MAX_DEPTH:  # later checks (and error messages) may recurse; keep them shallow
+        raise RequestError(f"malformed JSON body: nested deeper than {MAX_DEPTH} levels")
     try:
         req = ChatRequest.model_validate(raw)
     except ValidationError as e:
@@ -258,6 +261,17 @@ def parse_request(raw) -> ChatRequest:
                 f"{name}={shown} is not supported by this server: {why}", name, "unsupported_parameter"
             )
     return req
+
+
+def _depth(obj) -> int:
+    """Nesting depth of decoded JSON, without recursion."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        x, d = stack.pop()
+        if isinstance(x, dict | list):
+            deepest = max(deepest, d)
+            stack += [(v, d + 1) for v in (x.values() if isinstance(x, dict) else x)]
+    return deepest
 
 
 def request_error(errors) -> RequestError:
