@@ -181,7 +181,8 @@ class Batcher:
         except Exception as e:  # one bad batch must not stop the server; every open row hears why
             if len(group) > 1 and not heard[0]:  # nothing sent yet: find the culprit row by row
                 for j in group:
-                    self._decode([j])
+                    if not j.cancelled.is_set():
+                        self._decode([j])
                 return
             msg = f"decoding failed: {type(e).__name__}: {e}"
             for j, done in zip(group, answered, strict=True):
