@@ -539,13 +539,19 @@ def test_the_default_body_limit_takes_a_real_16_bit_radiograph(backend):
 
 
 def test_a_view_field_given_twice_is_a_422(server, png):
-    for field in ("frontal", "lateral"):
-        files = [("frontal", ("a.png", png, "image/png")), (field, ("b.png", png, "image/png"))]
-        if field == "lateral":
-            files.append(("lateral", ("c.png", png, "image/png")))
+    one = ("a.png", png, "image/png")
+    for field, files in (
+        ("frontal", [("frontal", one), ("frontal", one)]),
+        ("lateral", [("frontal", one), ("lateral", one), ("lateral", one)]),
+        ("frontal", [("frontal", one), ("frontal", one), ("lateral", one), ("lateral", one)]),
+    ):
         r = httpx.post(server + "/v1/reports", files=files, timeout=60)
         err = assert_error_layout(r, 422, field)
         assert "2 times" in err["message"]
+    r = httpx.post(
+        server + "/v1/reports", files={"frontal": one}, data={"language": ["en", "zh"]}, timeout=60
+    )
+    assert_error_layout(r, 422, "language")
     r = httpx.post(server + "/v1/reports", files={"frontal": ("a.png", png)}, data={"view": "PA"}, timeout=60)
     assert_error_layout(r, 400, "view")
 

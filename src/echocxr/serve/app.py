@@ -517,7 +517,8 @@ def create_app(backend, config: ServeConfig | None = None) -> FastAPI:
         t_arrival = time.perf_counter()
         # a form without files arrives url-encoded; it then fails as "frontal: missing"
         _require_type(request, "multipart/form-data", "application/x-www-form-urlencoded")
-        form = await request.form(max_files=limits.max_images + 1, max_fields=16)
+        # room for duplicated fields, so that they get the 422 naming them, not a count error
+        form = await request.form(max_files=2 * len(FORM_FIELDS), max_fields=2 * len(FORM_FIELDS))
         for field in form:
             if field not in FORM_FIELDS:
                 raise ApiError(
