@@ -373,6 +373,8 @@ def test_every_bad_input_gets_a_clear_4xx_and_the_server_goes_on(server, pngs, r
             err = r.json()["error"]
             assert needle in err["message"], (label, err)
             assert "\n" not in err["message"] and "Traceback" not in r.text
+            # OpenAI's layout, which the openai client reads (tests/test_serve_openai.py)
+            assert set(err) == {"message", "type", "param", "code"} and isinstance(err["code"], str), label
         assert c.get("/nope").status_code == 404
         ok = c.post("/v1/chat/completions", json=chat_body(png, max_tokens=6))
         assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == reference(

@@ -1,6 +1,7 @@
 """Pieces every decoder shares: the result type, and (re-exported so decoders read them from one
-place) the prefill, the decoding guard and sampling from `model.denoise` (Stage 3's teacher rollout
-uses them too, and training must not import the decoders), positions and masks from `model.layout`.
+place) the prefill, the decoding guard and sampling with one generator per row from
+`model.denoise` (Stage 3's teacher rollout uses them too, and training must not import the
+decoders), positions and masks from `model.layout`.
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ from dataclasses import dataclass, field
 import torch
 
 from echocxr.model.denoise import (  # noqa: F401 (shared here)
+    SEED_MAX,
+    SEED_MIN,
     Prefilled,
     banned_tokens,
     cut_at_eos,
     guard,
     prefill,
+    row_generators,
     sample,
 )
 from echocxr.model.kvcache import KVCache

@@ -38,12 +38,15 @@ import torch
 from echocxr.batch import Batch
 from echocxr.decode import ar, block, onestep
 from echocxr.decode.common import (
+    SEED_MAX,
+    SEED_MIN,
     Output,
     allocate_cache,
     banned_tokens,
     decode_mask,
     guard,
     prefill,
+    row_generators,
     sample,
     text_positions,
 )
@@ -119,16 +122,17 @@ class Run:
     """One `Engine.generate` call: what the decode loops read (model, cfg, first logits, cache)
     and advance (`forward`, `pick`, `commit`)."""
 
-    def __init__(self, engine: Engine, batch: Batch, cfg: DecodeConfig, caps: list[int], on_commit):
+    def __init__(
+        self, engine: Engine, batch: Batch, cfg: DecodeConfig, caps: list[int], seeds: list[int], on_commit
+    ):
         self.engine, self.model, self.batch, self.cfg = engine, engine.model, batch, cfg
         self.rows, self.device = batch.size, engine.device
         self.eos, self.mask_id = self.model.special.eos, self.model.special.mask
         self.caps, self.n_tokens = caps, max(caps)
         self.on_commit = on_commit
         self.banned = engine.banned()
-        self.gen = None
-        if cfg.temperature > 0:
-            self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.seeds = seeds  # one per row: each row samples from its own generator
+        self.gens = row_generators(seeds, self.device) if cfg.temperature > 0 else None
         self.out: list[list[int]] = [[] for _ in range(self.rows)]
         self.finished = [False] * self.rows
         self.done = torch.zeros(self.rows, dtype=torch.bool, device=self.device)  # = finished
@@ -184,9 +188,12 @@ class Run:
         self.cache, self.next_pos, self.active = dst, self.next_pos[sel], keep
 
     def pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits [..., V] -> (tokens [...], confidence [...]): the guard, then `common.sample`."""
-        c = self.cfg
-        return sample(guard(logits, self.banned), c.temperature, c.top_k, c.top_p, self.gen)
+        """logits [rows, ..., V] -> (tokens [rows, ...], confidence [rows, ...]): the guard, then
+        `common.sample` with each row's own generator (finished rows draw nothing)."""
+        c, gens = self.cfg, self.gens
+        if gens is not None:
+            gens = [None if fin else g for g, fin in zip(gens, self.finished, strict=True)]
+        return sample(guard(logits, self.banned), c.temperature, c.top_k, c.top_p, gens)
 
     def commit(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [rows, n], the next n response tokens of every row -> the same with the rows that
@@ -297,6 +304,7 @@ class Engine:
         on_commit: Callable[[CommitEvent], None] | None = None,
         *,
         max_new_tokens_per_row: list[int] | None = None,
+        seeds: list[int] | None = None,
         reference: bool = False,
     ) -> Output:
         """Decode every row of `batch` (moved to the engine's device) with `cfg` (default
@@ -311,9 +319,12 @@ class Engine:
             raise UserError(
                 f"max_new_tokens_per_row needs {batch.size} values >= 1, got {max_new_tokens_per_row}"
             )
+        seeds = [cfg.seed] * batch.size if seeds is None else list(seeds)
+        if len(seeds) != batch.size or not all(SEED_MIN <= s <= SEED_MAX for s in seeds):
+            raise UserError(f"seeds needs {batch.size} integers in {SEED_MIN}..{SEED_MAX}, got {seeds}")
         if reference and cfg.decoder != "block":
             raise ValueError("the uncached reference path exists for the block decoder only")
-        run = Run(self, batch, cfg, list(caps), on_commit)
+        run = Run(self, batch, cfg, list(caps), seeds, on_commit)
         prefill_s = None
         if not reference:
             B = 1 if cfg.decoder == "ar" else cfg.block_size

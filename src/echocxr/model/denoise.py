@@ -118,10 +118,26 @@ def guard(logits: torch.Tensor, banned: torch.Tensor | None) -> torch.Tensor:
     return logits if banned is None else logits.masked_fill(banned, float("-inf"))
 
 
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+
+
+def row_generators(seeds, device) -> list[torch.Generator]:
+    """One generator per row, seeded with that row's seed, so a row's draws do not depend on what
+    else is in its batch. Raises ValueError for a seed outside SEED_MIN..SEED_MAX."""
+    bad = [s for s in seeds if not SEED_MIN <= s <= SEED_MAX]
+    if bad:
+        raise ValueError(f"seed {bad[0]} is outside {SEED_MIN}..{SEED_MAX}")
+    return [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+
 def sample(
     logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, generator=None
 ):
-    """logits [..., V] -> (tokens [...], probability of each chosen token under the filtered distribution)."""
+    """logits [rows, ..., V] -> (tokens [rows, ...], probability of each chosen token under the
+    filtered distribution). generator: one for every draw, or a list with one per row (see
+    `row_generators`); a row whose entry is None takes its most probable token and draws nothing
+    (a finished row, or one with nothing to commit), so each row's generator advances only with
+    that row's own draws."""
     logits = logits.float()
     if temperature <= 0:
         probs = logits.softmax(-1)
@@ -137,8 +153,14 @@ def sample(
         drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
     probs = logits.softmax(-1)
-    flat = probs.reshape(-1, probs.shape[-1])
-    tok = torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+    V = probs.shape[-1]
+    if isinstance(generator, list | tuple):
+        tok = probs.argmax(-1)
+        for r, g in enumerate(generator):
+            if g is not None:  # this row's draws: [n, V] -> [n] -> the row's shape
+                tok[r] = torch.multinomial(probs[r].reshape(-1, V), 1, generator=g).reshape(tok[r].shape)
+    else:
+        tok = torch.multinomial(probs.reshape(-1, V), 1, generator=generator).reshape(probs.shape[:-1])
     return tok, probs.gather(-1, tok[..., None])[..., 0]
 
 
@@ -325,7 +347,7 @@ def denoise_blocks(
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    seed: int = 0,
+    seed: int | list[int] = 0,
     record_top_k: int | None = None,
     banned: torch.Tensor | None = None,
     commit=None,
@@ -333,6 +355,8 @@ def denoise_blocks(
     """Decode ceil(max_new_tokens / block) blocks of `block` tokens in up to `steps` forwards each
     through `ctx` (`CachedContext` or `UncachedContext`, built for that many tokens). With
     record_top_k, also return the trajectory with that many probabilities per committed position.
+    seed: one for every row, or one per row; each row samples from its own generator and draws only
+    while it has masked positions, so a row's tokens do not depend on its batch-mates.
     banned: bool [V], the decoding guard (`banned_tokens`; None: no guard). commit(ids [rows, B]) ->
     bool [rows]: called with every finished block, returns the rows that are now finished
     (`decode.engine` applies EOS, per-row caps and commit events there); default: a row is
@@ -340,7 +364,8 @@ def denoise_blocks(
     B, K, eos, mask_id = block, steps, model.special.eos, model.special.mask
     n_blocks = -(-max_new_tokens // B)
     device = model.device
-    gen = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+    seeds = [seed] * rows if isinstance(seed, int) else list(seed)
+    gens = row_generators(seeds, device) if temperature > 0 else None
     out = torch.full((rows, n_blocks * B), eos, dtype=torch.long, device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     trajectory: Trajectory | None = [[] for _ in range(rows)] if record_top_k else None
@@ -358,7 +383,10 @@ def denoise_blocks(
             h, first = ctx.denoise(ids)
             forwards, steps_run = forwards + 1, steps_run + 1
             logits = guard(logits_for_block(model, h, first, AR_SHIFT), banned)  # [rows, B, V]
-            tokens, conf = sample(logits, temperature, top_k, top_p, gen)
+            drawing = None  # rows with nothing masked (block or row finished) draw nothing
+            if gens is not None:
+                drawing = [g if on else None for g, on in zip(gens, masked.any(1).tolist(), strict=True)]
+            tokens, conf = sample(logits, temperature, top_k, top_p, drawing)
             pick = choose(conf, masked, K - s, strategy, threshold)
             ids = torch.where(pick, tokens, ids)
             masked &= ~pick

@@ -6,23 +6,25 @@ Endpoints (docs/SERVE.md has the request and response shapes):
                              labels, timings; ?stream=1 streams blocks as SSE
 - GET /v1/models, /health, /metrics (Prometheus text), / (the web page)
 
-Every error is JSON `{"error": {"message", "type", "code"}}` with a 4xx/5xx status; the message names
-the problem (and the part of the request it is in).
+Every error is OpenAI's layout, `{"error": {"message", "type", "param", "code"}}`, with a 4xx/5xx
+status: `message` is one line naming the problem, `param` the offending field (or null), `code` a
+string ("model_not_found", "invalid_value", ...); the openai client reads exactly that.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 import uuid
+from contextlib import aclosing
 from dataclasses import replace
 from importlib import resources
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from echocxr.decode.config import DECODERS
@@ -30,21 +32,49 @@ from echocxr.errors import UserError
 from echocxr.serve.batcher import Batcher, Closed, Delta, Done, Failed, Job, QueueFull
 from echocxr.serve.config import ServeConfig
 from echocxr.serve.images import decode_upload
-from echocxr.serve.schemas import ChatRequest, data_uri_bytes, image_parts, language_of
+from echocxr.serve.schemas import (
+    RequestError,
+    data_uri_bytes,
+    image_parts,
+    language_of,
+    parse_request,
+    request_error,
+)
+
+# the error code of a status when the error names none
+CODES = {
+    400: "invalid_value",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_value",
+    500: "internal_error",
+    503: "server_busy",
+    504: "timeout",
+}
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+    """An error answer: HTTP status, one-line message, the offending field (or None), the code."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
+        self.status, self.message, self.param = status, message, param
+        self.code = code or CODES.get(status, "invalid_value" if status < 500 else "internal_error")
+
+    def body(self) -> dict:
+        kind = "server_error" if self.status >= 500 else "invalid_request_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
 class BodyTooLarge(Exception):
     pass
 
 
-def error_response(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None):
+    e = ApiError(status, message, param, code)
+    return JSONResponse(e.body(), status_code=status)
 
 
 class Metrics:
@@ -69,12 +99,17 @@ class Metrics:
         self.tokens = Counter("echocxr_generated_tokens", "generated tokens (EOS excluded)", registry=r)
         self.depth = Gauge("echocxr_queue_depth", "requests waiting for a decode batch", registry=r)
         self.depth.set_function(queue_depth)
+        self.in_flight = Gauge(
+            "echocxr_requests_in_flight", "report requests received and not yet fully answered", registry=r
+        )
 
 
 class Guard:
-    """ASGI middleware: the body-size limit (413) and per-request metrics."""
+    """ASGI middleware: the body-size limit (413) and per-request metrics, the in-flight gauge
+    included (a request leaves it when its last byte is sent or its client goes away)."""
 
     ENDPOINTS = ("/v1/chat/completions", "/v1/reports", "/v1/models", "/health", "/metrics", "/")
+    DECODING = ("/v1/chat/completions", "/v1/reports")
 
     def __init__(self, app, *, limit: int, metrics: Metrics):
         self.app, self.limit, self.metrics = app, limit, metrics
@@ -107,9 +142,14 @@ class Guard:
                 status[0] = msg["status"]
             await send(msg)
 
+        in_flight = self.metrics.in_flight if path in self.DECODING else None
+        if in_flight is not None:
+            in_flight.inc()
         try:
             await self.app(scope, limited_receive, counting_send)
         finally:
+            if in_flight is not None:
+                in_flight.dec()
             self._count(path, status[0], t0)
 
     def _count(self, path: str, code: int, t0: float) -> None:
@@ -118,18 +158,56 @@ class Guard:
 
 
 class Detokenizer:
-    """Token ids arriving in pieces -> text deltas. Byte-level BPE can split a UTF-8 character
-    across tokens; a trailing replacement character is held back until the next piece."""
+    """Token ids arriving in pieces -> text deltas, ending before the first stop phrase.
 
-    def __init__(self, backend):
-        self.backend, self.ids, self.sent = backend, [], 0
+    Byte-level BPE can split a UTF-8 character across tokens: a trailing replacement character is
+    held back until the next piece. With `stops`, the text is cut where the earliest stop phrase
+    starts, and text that could still begin one (a phrase may straddle two blocks) is held back
+    until it is decided, so the deltas of a stream concatenate to exactly what one `add` of all
+    ids with final=True gives (the non-streamed answer)."""
+
+    def __init__(self, backend, stops=()):
+        self.backend, self.stops, self.ids, self.sent = backend, list(stops), [], 0
+        self.stopped = False  # a stop phrase was found: nothing more comes
+        self._phrase_end = 0  # where the found phrase ends in the text
 
     def add(self, ids: list[int], final: bool = False) -> str:
+        if self.stopped:
+            return ""
         self.ids += ids
         text = self.backend.text(self.ids)
-        end = len(text) if final else len(text.rstrip("\ufffd"))
+        if not final:
+            text = text.rstrip("\ufffd")
+        hits = [(text.find(p), -len(p)) for p in self.stops if p in text]
+        start, neg_len = min(hits) if hits else (len(text), 0)
+        pending = len(text) if final else self._pending(text)  # where a partial phrase may begin
+        if hits and start <= pending:
+            self.stopped, self._phrase_end = True, start - neg_len
+        end = min(start, pending)
         delta, self.sent = text[self.sent : end], max(self.sent, end)
         return delta
+
+    def _pending(self, text: str) -> int:
+        """The earliest index from which the rest of `text` is a proper prefix of a stop phrase."""
+        best = len(text)
+        for p in self.stops:
+            for n in range(min(len(p) - 1, len(text)), 0, -1):
+                if text.endswith(p[:n]):
+                    best = min(best, len(text) - n)
+                    break
+        return best
+
+    def tokens_used(self) -> int:
+        """Tokens generated up to the end of the stop phrase (all tokens when none was found)."""
+        if not self.stopped:
+            return len(self.ids)
+        lo, hi = 1, len(self.ids)  # the fewest tokens whose text reaches the phrase's end
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (
+                (lo, mid) if len(self.backend.text(self.ids[:mid])) >= self._phrase_end else (mid + 1, hi)
+            )
+        return lo
 
 
 def sse(data, event: str | None = None) -> str:
@@ -169,10 +247,12 @@ def create_app(backend, config: ServeConfig | None = None) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
-        return error_response(e.status, e.message, e.kind)
+        return JSONResponse(e.body(), status_code=e.status)
 
     @app.exception_handler(UserError)
     async def _user_error(request, e: UserError):
+        if isinstance(e, RequestError):
+            return error_response(400, str(e), e.param, e.code)
         return error_response(400, str(e))
 
     @app.exception_handler(BodyTooLarge)
@@ -185,11 +265,16 @@ def create_app(backend, config: ServeConfig | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request, e: RequestValidationError):
-        return error_response(400, _first_error(e.errors()))
+        err = request_error(e.errors())
+        return error_response(400, str(err), err.param, err.code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, e: Exception):  # a bug: still one line in the error layout
+        return error_response(500, f"internal error: {type(e).__name__}: {e}".splitlines()[0])
 
     @app.exception_handler(404)
     async def _not_found(request, e):
-        return error_response(404, f"no such endpoint: {request.method} {request.url.path}", "not_found")
+        return error_response(404, f"no such endpoint: {request.method} {request.url.path}")
 
     @app.exception_handler(405)
     async def _method(request, e):
@@ -227,59 +312,68 @@ def create_app(backend, config: ServeConfig | None = None) -> FastAPI:
     async def page():
         return HTMLResponse(resources.files("echocxr.serve").joinpath("static/index.html").read_text("utf-8"))
 
-    def decode_cfg(decoder: str | None, max_tokens: int | None, temperature, top_p, seed):
+    def decode_cfg(decoder: str | None, max_tokens: int | None, temperature=None, top_p=None, top_k=None):
         if max_tokens is not None and max_tokens > limits.max_tokens:
-            raise ApiError(400, f"max_tokens {max_tokens} exceeds the server's limit of {limits.max_tokens}")
+            raise ApiError(
+                400,
+                f"max_tokens {max_tokens} exceeds the server's limit of {limits.max_tokens}",
+                "max_tokens",
+            )
         if decoder is not None and decoder not in DECODERS:
-            raise ApiError(400, f"decoder must be one of {list(DECODERS)}, not {decoder!r}")
+            raise ApiError(400, f"decoder must be one of {list(DECODERS)}, not {decoder!r}", "decoder")
         cfg = backend.cfg
         changes = {"max_new_tokens": max_tokens or min(cfg.max_new_tokens, limits.max_tokens)}
         if decoder is not None:
             changes["decoder"] = decoder
-        for k, v in (("temperature", temperature), ("top_p", top_p), ("seed", seed)):
+        for k, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)):
             if v is not None:
                 changes[k] = v
         return replace(cfg, **changes)
 
-    async def start(images, language: str, cfg):
-        """Queue one study; returns (job, asyncio queue of its events)."""
+    async def start(images, language: str, cfgs: list):
+        """Queue one study once per config (the n choices of a request, each its own batch row);
+        returns (jobs, an asyncio queue of (choice index, event))."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
-        def sink(ev) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, ev)
-            except RuntimeError:  # the loop is gone (server stopped): nobody is waiting
-                pass
+        def sink_for(i: int):
+            def sink(ev) -> None:
+                try:
+                    loop.call_soon_threadsafe(events.put_nowait, (i, ev))
+                except RuntimeError:  # the loop is gone (server stopped): nobody is waiting
+                    pass
+
+            return sink
 
         example = await run_in_threadpool(backend.example, images, language)  # image work: off the loop
-        job = Job(example, cfg, sink, n_images=len(images))
+        jobs = [Job(example, cfg, sink_for(i), n_images=len(images)) for i, cfg in enumerate(cfgs)]
         try:
-            batcher.submit(job)
+            batcher.submit(*jobs)
         except (QueueFull, Closed) as e:
-            raise ApiError(503, f"server busy: {e}", "server_error") from None
-        return job, events
+            raise ApiError(503, f"server busy: {e}") from None
+        return jobs, events
 
-    async def events_of(job, events, t_arrival):
-        """Delta* then one Done; a Failed or the request timeout raises ApiError."""
+    async def events_of(jobs, events, t_arrival):
+        """(index, Delta)* and one (index, Done) per job; a Failed or the request timeout raises
+        ApiError. Leaving it (done, error, client gone) cancels every job of the request."""
         deadline = t_arrival + limits.request_timeout_s
+        pending = set(range(len(jobs)))
         try:
-            while True:
+            while pending:
                 try:
-                    ev = await asyncio.wait_for(events.get(), max(deadline - time.perf_counter(), 0.001))
+                    i, ev = await asyncio.wait_for(events.get(), max(deadline - time.perf_counter(), 0.001))
                 except asyncio.TimeoutError:
-                    raise ApiError(
-                        504, f"request timed out after {limits.request_timeout_s:g} s", "server_error"
-                    ) from None
+                    raise ApiError(504, f"request timed out after {limits.request_timeout_s:g} s") from None
                 if isinstance(ev, Failed):
-                    raise ApiError(500, ev.message, "server_error")
-                yield ev
+                    raise ApiError(500, ev.message)
                 if isinstance(ev, Done):
+                    pending.discard(i)
                     metrics.tokens.inc(len(ev.result.tokens))
-                    return
+                yield i, ev
         finally:
-            job.cancelled.set()  # a job still queued is skipped; a running one finishes unseen
+            for job in jobs:
+                job.cancelled.set()  # a job still queued is skipped; a running one finishes unseen
 
-    def timings(done: Done, t_arrival: float) -> dict:
+    def timings(done: Done, t_arrival: float, tokens: int) -> dict:
         r = done.result
         return {
             "queue_ms": round(done.queue_ms, 2),
@@ -287,9 +381,12 @@ def create_app(backend, config: ServeConfig | None = None) -> FastAPI:
             "decode_ms": round(r.decode_ms, 2),
             "total_ms": round((time.perf_counter() - t_arrival) * 1000, 2),
             "forwards": r.forwards,
-            "tokens": len(r.tokens),
+            "tokens": tokens,
             "batch_size": done.batch_size,
         }
+
+    def finish_reason(detok: Detokenizer, done: Done | None) -> str:
+        return "stop" if detok.stopped or (done is not None and done.result.stopped) else "length"
 
     # ------------------------------------------------------------------ OpenAI-compatible
     @app.post("/v1/chat/completions")
@@ -301,94 +398,113 @@ def create_app(backend, config: ServeConfig | None = None) -> FastAPI:
             raw = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"malformed JSON body: {e}") from None
-        try:
-            req = ChatRequest.model_validate(raw)
-        except ValidationError as e:
-            raise ApiError(400, _first_error(e.errors())) from None
+        except RecursionError:
+            raise ApiError(400, "malformed JSON body: nested too deeply") from None
+        req = parse_request(raw)  # RequestError: a 400 naming the parameter
         if req.model != model_name:
             raise ApiError(
-                404, f"unknown model {req.model!r}; this server serves {model_name!r}", "model_not_found"
+                404,
+                f"unknown model {req.model!r}; this server serves {model_name!r}",
+                "model",
+                "model_not_found",
             )
         parts = image_parts(req)
         _check_count(len(parts))
+        n, stops = req.n or 1, req.stop or []
         cfg = decode_cfg(
-            req.decoder, req.max_completion_tokens or req.max_tokens, req.temperature, req.top_p, req.seed
+            req.decoder, req.max_completion_tokens or req.max_tokens, req.temperature, req.top_p, req.top_k
         )
+        # each choice samples from its own generator: seed, seed + 1, ...; no seed: a random one
+        seed = req.seed if req.seed is not None else secrets.randbits(63)
         language = language_of(req)
-        images = await run_in_threadpool(
-            lambda: [
-                decode_upload(data_uri_bytes(n, u, limits.max_body_bytes), n, max_side=limits.max_side)
-                for n, u in parts
-            ]
-        )
-        job, events = await start(images, language, cfg)
+
+        def read(part):
+            try:
+                data = data_uri_bytes(part.name, part.url, limits.max_body_bytes)
+                return decode_upload(data, part.name, max_side=limits.max_side)
+            except UserError as e:
+                raise ApiError(400, str(e), part.param) from None
+
+        images = await run_in_threadpool(lambda: [read(p) for p in parts])
+        jobs, events = await start(images, language, [replace(cfg, seed=seed + i) for i in range(n)])
         rid, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
         prompt_tokens = backend.prompt_tokens(len(images), language)
+        detoks = [Detokenizer(backend, stops) for _ in range(n)]
 
-        def usage(n: int) -> dict:
-            return {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
-
-        def extra(done: Done) -> dict:
+        def usage() -> dict:
+            used = sum(d.tokens_used() for d in detoks)
             return {
-                "decoder": cfg.decoder,
-                "block_size": cfg.block_size,
-                "language": language,
-                **timings(done, t_arrival),
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": used,
+                "total_tokens": prompt_tokens + used,
             }
 
+        def extra(done: Done | None, tokens: int) -> dict:
+            head = {"decoder": cfg.decoder, "block_size": cfg.block_size, "language": language, "seed": seed}
+            return {**head, **(timings(done, t_arrival, tokens) if done else {"tokens": tokens})}
+
         if not req.stream:
-            done = None
-            async for ev in events_of(job, events, t_arrival):
-                done = ev if isinstance(ev, Done) else done
-            text = backend.text(done.result.tokens)
+            dones: dict[int, Done] = {}
+            async for i, ev in events_of(jobs, events, t_arrival):
+                if isinstance(ev, Done):
+                    dones[i] = ev
+            choices = []
+            for i, d in enumerate(detoks):
+                text = d.add(dones[i].result.tokens, final=True)
+                choices.append(
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": finish_reason(d, dones[i]),
+                    }
+                )
+            u = usage()
+            last = max(dones.values(), key=lambda d: d.result.forwards)
             return {
                 "id": rid,
                 "object": "chat.completion",
                 "created": created,
                 "model": model_name,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "finish_reason": "stop" if done.result.stopped else "length",
-                    }
-                ],
-                "usage": usage(len(done.result.tokens)),
-                "echocxr": extra(done),
+                "choices": choices,
+                "usage": u,
+                "echocxr": extra(last, u["completion_tokens"]),
             }
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name}
 
-        def chunk(delta: dict, finish=None, **more) -> str:
-            c = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name}
-            return sse({**c, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **more})
+        def chunk(i: int, delta: dict, finish=None, **more) -> str:
+            return sse({**head, "choices": [{"index": i, "delta": delta, "finish_reason": finish}], **more})
 
         async def stream():
-            detok = Detokenizer(backend)
-            yield chunk({"role": "assistant", "content": ""})
+            for i in range(n):
+                yield chunk(i, {"role": "assistant", "content": ""})
+            open_choices = set(range(n))
             try:
-                async for ev in events_of(job, events, t_arrival):
-                    if isinstance(ev, Delta):
-                        text = detok.add(ev.tokens)
-                        yield chunk(
-                            {"content": text},
-                            echocxr={"forwards": ev.forwards, "elapsed_ms": round(ev.elapsed_ms, 2)},
-                        )
-                    else:
-                        tail = detok.add([], final=True)
-                        if tail:
-                            yield chunk({"content": tail})
-                        yield chunk({}, "stop" if ev.result.stopped else "length", echocxr=extra(ev))
-                        if include_usage:
-                            c = {
-                                "id": rid,
-                                "object": "chat.completion.chunk",
-                                "created": created,
-                                "model": model_name,
-                            }
-                            yield sse({**c, "choices": [], "usage": usage(len(ev.result.tokens))})
+                async with aclosing(events_of(jobs, events, t_arrival)) as evs:
+                    async for i, ev in evs:
+                        if i not in open_choices:  # ended at a stop phrase; the row decodes on unseen
+                            continue
+                        d, done = detoks[i], ev if isinstance(ev, Done) else None
+                        if done is None:
+                            yield chunk(
+                                i,
+                                {"content": d.add(ev.tokens)},
+                                echocxr={"forwards": ev.forwards, "elapsed_ms": round(ev.elapsed_ms, 2)},
+                            )
+                        else:
+                            tail = d.add([], final=True)  # characters held back at a split byte
+                            if tail:
+                                yield chunk(i, {"content": tail})
+                        if d.stopped or done is not None:
+                            open_choices.discard(i)
+                            yield chunk(i, {}, finish_reason(d, done), echocxr=extra(done, d.tokens_used()))
+                        if not open_choices:
+                            break
+                if include_usage:
+                    yield sse({**head, "choices": [], "usage": usage()})
             except ApiError as e:  # headers are sent: the error travels as an SSE event
-                yield sse({"error": {"message": e.message, "type": e.kind, "code": e.status}})
+                yield sse(e.body())
             yield sse("[DONE]")
 
         return StreamingResponse(
@@ -401,27 +517,42 @@ def create_app(backend, config: ServeConfig | None = None) -> FastAPI:
         t_arrival = time.perf_counter()
         # a form without files arrives url-encoded; it then fails as "frontal: missing"
         _require_type(request, "multipart/form-data", "application/x-www-form-urlencoded")
-        form = await request.form(max_files=limits.max_images + 1, max_fields=16)
+        # room for duplicated fields, so that they get the 422 naming them, not a count error
+        form = await request.form(max_files=2 * len(FORM_FIELDS), max_fields=2 * len(FORM_FIELDS))
+        for field in form:
+            if field not in FORM_FIELDS:
+                raise ApiError(
+                    400, f"unknown form field {field!r}; accepted: {', '.join(FORM_FIELDS)}", field
+                )
+            if len(form.getlist(field)) > 1:
+                raise ApiError(422, f"{field}: given {len(form.getlist(field))} times; send it once", field)
         uploads = []
         for field in ("frontal", "lateral"):
             f = form.get(field)
             if f is None or f == "":
                 continue
             if isinstance(f, str):
-                raise ApiError(400, f"{field}: must be a file upload, got a text field")
-            uploads.append((f.filename or field, await f.read()))
+                raise ApiError(400, f"{field}: must be a file upload, got a text field", field)
+            uploads.append((field, f.filename or field, await f.read()))
         if not uploads or form.get("frontal") in (None, ""):
-            raise ApiError(400, "frontal: missing; upload the frontal image as the form field 'frontal'")
+            raise ApiError(
+                400, "frontal: missing; upload the frontal image as the form field 'frontal'", "frontal"
+            )
         language = str(form.get("language") or "en")
         if language not in ("en", "zh"):
-            raise ApiError(400, f"language must be 'en' or 'zh', not {language!r}")
+            raise ApiError(400, f"language must be 'en' or 'zh', not {language!r}", "language")
         decoder = form.get("decoder") or None
         max_tokens = _int_field(form.get("max_tokens"), "max_tokens")
-        cfg = decode_cfg(decoder, max_tokens, None, None, None)
-        images = await run_in_threadpool(
-            lambda: [decode_upload(data, name, max_side=limits.max_side) for name, data in uploads]
-        )
-        job, events = await start(images, language, cfg)
+        cfg = decode_cfg(decoder, max_tokens)
+
+        def read(field, name, data):
+            try:
+                return decode_upload(data, name, max_side=limits.max_side)
+            except UserError as e:
+                raise ApiError(400, str(e), field) from None
+
+        images = await run_in_threadpool(lambda: [read(*u) for u in uploads])
+        jobs, events = await start(images, language, [cfg])
 
         def result(done: Done) -> dict:
             from echocxr.data.records import parse_report
@@ -436,20 +567,20 @@ def create_app(backend, config: ServeConfig | None = None) -> FastAPI:
                 **parse_report(text),
                 "labels": _labels(text, language),
                 "finish_reason": "stop" if done.result.stopped else "length",
-                "timings": timings(done, t_arrival),
+                "timings": timings(done, t_arrival, len(done.result.tokens)),
                 "trained_on": backend.trained_on,
             }
 
         if not stream:
             done = None
-            async for ev in events_of(job, events, t_arrival):
+            async for _, ev in events_of(jobs, events, t_arrival):
                 done = ev if isinstance(ev, Done) else done
             return result(done)
 
         async def sse_stream():
             detok, n = Detokenizer(backend), 0
             try:
-                async for ev in events_of(job, events, t_arrival):
+                async for _, ev in events_of(jobs, events, t_arrival):
                     if isinstance(ev, Delta):
                         n += len(ev.tokens)
                         data = {"text": detok.add(ev.tokens), "tokens": n, "forwards": ev.forwards}
@@ -464,7 +595,7 @@ def create_app(backend, config: ServeConfig | None = None) -> FastAPI:
                             )
                         yield sse(result(ev), "done")
             except ApiError as e:
-                yield sse({"error": {"message": e.message, "type": e.kind, "code": e.status}}, "error")
+                yield sse(e.body(), "error")
 
         return StreamingResponse(
             sse_stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
@@ -472,11 +603,18 @@ def create_app(backend, config: ServeConfig | None = None) -> FastAPI:
 
     def _check_count(n: int) -> None:
         if n == 0:
-            raise ApiError(400, "no image: send the radiograph as an image_url part with a data: URI")
+            raise ApiError(
+                400, "no image: send the radiograph as an image_url part with a data: URI", "messages"
+            )
         if n > limits.max_images:
-            raise ApiError(400, f"{n} images; at most {limits.max_images} per study (frontal, lateral)")
+            raise ApiError(
+                400, f"{n} images; at most {limits.max_images} per study (frontal, lateral)", "messages"
+            )
 
     return app
+
+
+FORM_FIELDS = ("frontal", "lateral", "language", "decoder", "max_tokens")  # /v1/reports
 
 
 def _require_type(request: Request, *expected: str) -> None:
@@ -491,19 +629,10 @@ def _int_field(value, name: str) -> int | None:
     try:
         n = int(value)
     except (TypeError, ValueError):
-        raise ApiError(400, f"{name} must be an integer, got {value!r}") from None
+        raise ApiError(400, f"{name} must be an integer, got {value!r}", name) from None
     if n < 1:
-        raise ApiError(400, f"{name} must be at least 1, got {n}")
+        raise ApiError(400, f"{name} must be at least 1, got {n}", name)
     return n
-
-
-def _first_error(errors) -> str:
-    if not errors:
-        return "invalid request"
-    e = errors[0]
-    where = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{where}: {e.get('msg', 'invalid')}{more}"
 
 
 def _labels(text: str, language: str) -> list[dict]:

@@ -152,9 +152,11 @@ class ReportBackend:
         cfg,
         max_new_tokens: list[int],
         on_event: Callable[[RowEvent], None] | None = None,
+        seeds: list[int] | None = None,
     ) -> list[RowResult]:
         """Decode `examples` (`Row`s from `example`, with identical prompts) as one batch with `cfg`
-        (its max_new_tokens is ignored: each row stops at its own `max_new_tokens[i]`). `on_event`
+        (its max_new_tokens and seed are ignored: each row stops at its own `max_new_tokens[i]` and
+        samples from its own generator seeded with `seeds[i]`, default cfg.seed). `on_event`
         is called from this thread as blocks commit; a row's finished event carries its
         `RowResult` (the same as the returned one), so callers answer it before the batch ends."""
         batch = merge_rows(examples).to(self.device)
@@ -173,7 +175,9 @@ class ReportBackend:
                     results[row] = result
                 emit(RowEvent(row, toks, bool(fin), ev.forwards, ev.elapsed_ms, result))
 
-        out = self.engine.generate(batch, cfg, on_commit=on_commit, max_new_tokens_per_row=max_new_tokens)
+        out = self.engine.generate(
+            batch, cfg, on_commit=on_commit, max_new_tokens_per_row=max_new_tokens, seeds=seeds
+        )
         missing = [i for i, r in enumerate(results) if r is None]
         if missing:  # every row ends at its EOS or its cap, so the engine reported each finish
             raise RuntimeError(f"rows {missing} ended without a finished event ({out.forwards} forwards)")

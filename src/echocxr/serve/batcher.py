@@ -1,17 +1,20 @@
 """Dynamic batching: one worker thread owns the backend and decodes compatible requests together.
 
 Grouping rule: two requests share a decode batch when their `DecodeConfig`s are equal apart from
-`max_new_tokens` (same decoder, block size, steps, strategy, threshold, fusion, temperature, top-k,
-top-p, seed), their studies have the same number of images and the same language (so prompts are
-identical but for the image pixels: no row is padded). Each row stops at its own `max_tokens`. At temperature 0 a row's output does not
-depend on its batch-mates (tests/test_serve.py checks this under load).
+`max_new_tokens` and `seed` (same decoder, block size, steps, strategy, threshold, fusion,
+temperature, top-k, top-p), their studies have the same number of images and the same language
+(so prompts are identical but for the image pixels: no row is padded). Each row stops at its own
+`max_tokens` and samples from its own generator seeded with its own seed, so a row's output does
+not depend on its batch-mates (tests/test_serve.py checks this under load at temperature 0, and
+for seeded sampling).
 
 Scheduling: the oldest waiting request opens a batch; the worker waits until `max_batch`
 compatible requests are queued or the oldest has waited `max_wait_ms`, then decodes them.
 Incompatible requests keep their place for a later batch (FIFO among batches).
 
-Every accepted job gets exactly one terminal event: `Done` or `Failed`. `close()` stops accepting
-and, by default, drains the queue before the worker exits.
+Every accepted job gets exactly one terminal event: `Done` or `Failed`. A batch that raises before
+any of its rows committed a token is decoded again one job at a time, so one bad request fails
+alone. `close()` stops accepting and, by default, drains the queue before the worker exits.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ class Job:
     calls it from its own thread, so it must be thread-safe (the app posts to the event loop)."""
 
     example: object  # backend.Row: the study as a one-row batch
-    cfg: object  # DecodeConfig; its max_new_tokens is this request's max_tokens
+    cfg: object  # DecodeConfig; its max_new_tokens and seed are this row's own
     sink: Callable[[object], None]
     n_images: int = 1
     enqueued: float = field(default_factory=time.perf_counter)
@@ -66,8 +69,8 @@ class Job:
     key: tuple = field(init=False)
 
     def __post_init__(self) -> None:
-        # the grouping rule (module docstring): equal configs but for max_new_tokens, equal prompts
-        self.key = (replace(self.cfg, max_new_tokens=1), self.n_images, self.example.language)
+        # the grouping rule (module docstring): equal configs but for max_new_tokens and seed, equal prompts
+        self.key = (replace(self.cfg, max_new_tokens=1, seed=0), self.n_images, self.example.language)
 
 
 class Batcher:
@@ -100,14 +103,15 @@ class Batcher:
         self._thread = threading.Thread(target=self._run, name="echocxr-decode", daemon=True)
         self._thread.start()
 
-    def submit(self, job: Job) -> None:
-        """Raises QueueFull or Closed; otherwise the job will get exactly one terminal event."""
+    def submit(self, *jobs: Job) -> None:
+        """Queue all `jobs` (the n choices of one request) or none: raises QueueFull or Closed;
+        otherwise each job will get exactly one terminal event."""
         with self._cv:
             if self._closing:
                 raise Closed("the server is shutting down")
-            if len(self._queue) >= self.max_queue:
+            if len(self._queue) + len(jobs) > self.max_queue:
                 raise QueueFull(f"{len(self._queue)} requests are waiting (limit {self.max_queue})")
-            self._queue.append(job)
+            self._queue.extend(jobs)
             self._cv.notify_all()
 
     def close(self, *, drain: bool = True, timeout: float | None = None) -> None:
@@ -155,9 +159,11 @@ class Batcher:
         started = time.perf_counter()
         self.on_batch(len(group))
         answered = [False] * len(group)
+        heard = [False]  # has any row been sent an event?
 
         def on_event(ev: RowEvent) -> None:
             job = group[ev.row]
+            heard[0] = True
             if ev.tokens:
                 job.sink(Delta(ev.tokens, ev.forwards, ev.elapsed_ms))
             if ev.result is not None and not answered[ev.row]:
@@ -170,8 +176,14 @@ class Batcher:
                 group[0].cfg,
                 [j.cfg.max_new_tokens for j in group],
                 on_event,
+                seeds=[j.cfg.seed for j in group],
             )
         except Exception as e:  # one bad batch must not stop the server; every open row hears why
+            if len(group) > 1 and not heard[0]:  # nothing sent yet: find the culprit row by row
+                for j in group:
+                    if not j.cancelled.is_set():
+                        self._decode([j])
+                return
             msg = f"decoding failed: {type(e).__name__}: {e}"
             for j, done in zip(group, answered, strict=True):
                 if not done:

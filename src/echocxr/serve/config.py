@@ -11,7 +11,9 @@ from echocxr.errors import UserError
 class Limits:
     """What one request may ask for; anything beyond gets a 4xx naming the limit."""
 
-    max_body_bytes: int = 16 * 2**20  # whole HTTP body (base64 data URIs are 4/3 of the image)
+    # whole HTTP body; base64 is 4/3 of the file: a 3000x3000 16-bit DICOM is ~24 MB in a data: URI,
+    # a 4096x4096 16-bit PNG export ~20 MB
+    max_body_bytes: int = 64 * 2**20
     max_images: int = 2  # a study: frontal, optional lateral
     max_side: int = 4096  # pixels, width and height of each image
     max_tokens: int = 512  # ceiling for `max_tokens`
