@@ -228,6 +228,13 @@ def test_labels_come_from_the_labeler():
     assert by["pneumothorax"]["status"] == "negative"
     zh = {f["observation"]: f["status"] for f in _labels("所见：未见气胸。未见胸腔积液。\n印象：无。", "zh")}
     assert zh.get("pneumothorax") == "negative" and zh.get("pleural_effusion") == "negative"
+    # free-form Chinese that our renderer never writes is read by the Chinese labeler (issue #22)
+    free = {
+        f["observation"]: f["status"]
+        for f in _labels("双肺纹理清晰，未见明显实变；心影不大。考虑肺炎可能。", "zh")
+    }
+    assert free.get("consolidation") == "negative" and free.get("cardiomegaly") == "negative"
+    assert free.get("pneumonia") == "uncertain"
 
 
 # --------------------------------------------------------------------------------------- bad input

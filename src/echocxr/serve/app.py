@@ -636,12 +636,13 @@ def _int_field(value, name: str) -> int | None:
 
 
 def _labels(text: str, language: str) -> list[dict]:
-    """The labeler's findings for the report (Chinese is mapped back to English first: the labeler
-    reads English; `data.zh.zh_to_en` inverts the renderer the model was trained on)."""
-    from echocxr.data.labeler import label_report
+    """The labeler's findings for the report, as the evaluation reads it: Chinese is first mapped
+    back to English where it is our renderer's (`data.zh.zh_to_en`), and whatever Chinese remains
+    is read by the Chinese labeler (`data.labeler_zh.label_text`)."""
+    from echocxr.data.labeler_zh import label_text
 
     if language == "zh":
         from echocxr.data.zh import zh_to_en
 
         text = zh_to_en(text)
-    return [f.to_dict() for _, f in sorted(label_report(text).items())]
+    return [f.to_dict() for _, f in sorted(label_text(text).items())]
