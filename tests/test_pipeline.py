@@ -261,6 +261,9 @@ def test_micro_pipeline_end_to_end(tmp_path, iu_archive, iu_images):
     cfg = pl.get_pipeline_preset(
         "tiny",
         vision_steps=2,
+        # a 3-step AR teacher writes nothing but repetition loops, which DCD refuses (UserError); the
+        # RAD teacher path runs here, the AR teacher's in test_dcd.py and test_dcd_teacher_choice_...
+        dcd_teacher="rad",
         ablation=True,
         block_sizes=(4, 8),
         ar_steps=3,

@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
 
+from echocxr.distributed import Dist, barrier, init_distributed
 from echocxr.errors import UserError
-from echocxr.train.loop import Dist, barrier, init_distributed
 
 PARTS = "parts"
 SETTINGS = "settings.json"

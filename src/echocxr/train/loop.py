@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from echocxr.distributed import Dist, barrier, init_distributed  # noqa: F401 (used and re-exported)
 from echocxr.errors import UserError
 from echocxr.train.data import Layout, StudyStream, micro_batches
 
@@ -80,34 +81,7 @@ class TrainConfig:
 # -- distributed ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str, *, always: bool = False) -> Dist:
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: join the process group (NCCL on CUDA, gloo on CPU).
-    A single process joins one only with `always` (FSDP2 needs a group even of one)."""
-    if "WORLD_SIZE" not in os.environ or (int(os.environ["WORLD_SIZE"]) == 1 and not always):
-        return Dist()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def barrier(d: Dist) -> None:
-    if d.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
+# Dist, init_distributed and barrier live in `echocxr.distributed` (decode and eval shard with them too)
 
 
 def _mean_across(d: Dist, values: list[float]) -> list[float]:
@@ -327,7 +301,7 @@ def train(
     *,
     run_args: dict,
     resume: bool = False,
-    dist_info: Dist = Dist(),
+    dist_info: Dist = Dist(),  # noqa: B008 (frozen, immutable)
     progress: bool = True,
 ) -> dict:
     """Train `model` in place with `stage` for cfg.steps optimizer steps; returns a summary.
