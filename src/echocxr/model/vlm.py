@@ -377,7 +377,7 @@ class EchoVLM(nn.Module):
         the shift by definition."""
         from transformers import AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-        from echocxr.model.image_processing import load_image_processor
+        from echocxr.model.image_processing import REAL_IMAGE_SIZE, load_image_processor, processed_side
         from echocxr.model.tokenizer import ensure_mask_token, special_ids
 
         path = Path(path)
@@ -407,7 +407,12 @@ class EchoVLM(nn.Module):
             raise UserError(f"{path}: cannot load the weights ({e})") from None
         if added or hf.get_input_embeddings().num_embeddings < len(tokenizer):
             hf.resize_token_embeddings(len(tokenizer))
-        cfg = ModelConfig.from_dict(meta["model"]) if meta.get("model") else None
+        if meta.get("model"):
+            cfg = ModelConfig.from_dict(meta["model"])
+            processor = load_image_processor(path, cfg)
+        else:  # a plain folder: its own shape, at the side its processor makes of a REAL_IMAGE_SIZE square
+            processor = load_image_processor(path)
+            side = processed_side(processor, REAL_IMAGE_SIZE)
+            cfg = ModelConfig.from_hf(hf.config, path.name, side)
         model = cls(hf.to(device), special_ids(tokenizer), cfg)
-        processor = load_image_processor(path, cfg)
         return model, tokenizer, processor, meta
