@@ -270,12 +270,17 @@ def logits_check(model, tok, proc, new_tokens: int) -> dict:
         ours = model.logits(model(x, model.positions(ids, b.grid_thw)))
         sync(model.device)
         t_ours = time.perf_counter() - t0
-    ref, ours = ref[0].float(), ours[0].float()  # [S, V]
-    diff = (ours - ref).abs()
-    top_ref, top_ours = ref.argmax(-1), ours.argmax(-1)
-    agree = top_ref == top_ours
-    two = ref.topk(2, -1).values
-    gap = two[:, 0] - two[:, 1]  # how far transformers' winner leads its runner-up
+    ref, ours = ref[0], ours[0]  # [S, V] in the model's dtype; compared 64 positions at a time in fp32
+    agree, gap, dmax, dsum = [], [], [], 0.0
+    for r, o in zip(ref.split(64), ours.split(64), strict=True):
+        r, o = r.float(), o.float()
+        d = (o - r).abs()
+        agree.append(r.argmax(-1) == o.argmax(-1))
+        two = r.topk(2, -1).values
+        gap.append(two[:, 0] - two[:, 1])  # how far transformers' winner leads its runner-up
+        dmax.append(d.amax(-1))
+        dsum += d.sum().item()
+    agree, gap, dmax = torch.cat(agree), torch.cat(gap), torch.cat(dmax)
     P = b.prompt_ids.shape[1]
     return {
         "positions": int(ids.shape[1]),
@@ -285,12 +290,13 @@ def logits_check(model, tok, proc, new_tokens: int) -> dict:
         "top1_agreement": round(agree.float().mean().item(), 5),
         "top1_agreement_response": round(agree[P - 1 :].float().mean().item(), 5),
         "disagreements": int((~agree).sum()),
-        "max_abs_diff": round(diff.max().item(), 5),
-        "mean_abs_diff": round(diff.mean().item(), 6),
-        "logit_std": round(ref.std().item(), 4),
+        "max_abs_diff": round(dmax.max().item(), 5),
+        "mean_abs_diff": round(dsum / ref.numel(), 6),
         "median_top1_gap": round(gap.median().item(), 5),
-        # positions where transformers' top two are closer than the largest difference measured
-        "positions_with_gap_below_max_diff": int((gap < diff.max()).sum()),
+        # transformers' lead of its top-1 over its top-2 where the two disagree, and how many
+        # positions lead by less than the largest difference measured (a coin flip in this dtype)
+        "disagreement_gaps": [round(g, 5) for g in gap[~agree].tolist()[:20]],
+        "positions_with_gap_below_max_diff": int((gap < dmax.max()).sum()),
         "hf_forward_s": round(t_hf, 2),
         "ours_forward_s": round(t_ours, 2),
     }
@@ -629,6 +635,10 @@ def serve_step(args, out: Path, env: dict) -> dict:
     rec.update(
         rc=rc, seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=round(usage.ru_maxrss / 1024, 1)
     )
+    if not args.keep_exports:
+        for f in ckpt.glob("*.safetensors"):
+            f.unlink()
+        rec["export_weights_deleted"] = True
     return rec
 
 

@@ -397,7 +397,7 @@ class EchoVLM(nn.Module):
                 raise UserError(f"{path / ECHO_CONFIG}: not valid JSON ({e})") from None
             check_checkpoint(meta, path)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        added = ensure_mask_token(tokenizer)
+        ensure_mask_token(tokenizer)
         hf_cfg._attn_implementation = "sdpa"
         try:
             hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(
@@ -405,7 +405,9 @@ class EchoVLM(nn.Module):
             )
         except (OSError, ValueError, RuntimeError) as e:
             raise UserError(f"{path}: cannot load the weights ({e})") from None
-        if added or hf.get_input_embeddings().num_embeddings < len(tokenizer):
+        # grown only: a padded vocabulary (Qwen2.5-VL: 152064 rows for 151665 ids) has a row for
+        # the mask token already, and shrinking it would copy the embedding and head (2.2 GB at 7B)
+        if hf.get_input_embeddings().num_embeddings < len(tokenizer):
             hf.resize_token_embeddings(len(tokenizer))
         if meta.get("model"):
             cfg = ModelConfig.from_dict(meta["model"])
