@@ -71,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument(
         "--large-batch-decoders",
-        default="hf_generate,ar,onestep_fused_b8",
+        default="onestep_fused_b8",
         help="decoders also run at batch sizes above 1 ('all': every one; each costs a batch prefill)",
     )
     p.add_argument("--warmup", type=int, default=0, help="untimed decode runs per measurement")
@@ -324,6 +324,15 @@ def step_build(args, out: Path) -> dict:
     return {"model": cfg.name, "image_size": cfg.image_size, **rec}
 
 
+def _save_step(out: Path, step: str, rec: dict) -> None:
+    """OUT/steps/STEP.json, rewritten as the step goes (a killed step leaves what it measured)."""
+    folder = paths(out)["steps"]
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{step}.json.tmp"
+    tmp.write_text(json.dumps(rec, indent=2))
+    os.replace(tmp, folder / f"{step}.json")
+
+
 def step_check(args, out: Path) -> dict:
     import dataclasses
 
@@ -358,6 +367,7 @@ def step_check(args, out: Path) -> dict:
         "threads": torch.get_num_threads(),
     }
     rec["logits"] = logits_check(model, tok, proc, args.new_tokens)
+    _save_step(out, "check", rec)
     bw = copy_bandwidth_gb_s(args.device)
     weight_bytes = decode_weight_bytes(model)
     floor_ms = weight_bytes / (bw * 1e9) * 1e3
@@ -385,8 +395,8 @@ def step_check(args, out: Path) -> dict:
                 m["ms_per_forward_vs_floor"] = round(m["ms_per_forward"] / floor_ms, 3)
             speed[f"{name}_batch{rows}"] = {"batch_size": rows, "prompt_len": batch.prompt_ids.shape[1], **m}
             print(f"rehearse check: {name} batch {rows}: {m.get('tokens_per_s_decode')} tok/s", flush=True)
-    rec["speed"] = speed
-    rec["ratios"] = ratios(speed)
+            rec.update(speed=speed, ratios=ratios(speed))
+            _save_step(out, "check", rec)
     return rec
 
 
@@ -670,6 +680,21 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
+def finish(report: dict, t0: float, *, complete: bool) -> str:
+    """Totals and targets into the report; OUT/rehearse.json rewritten (after every step)."""
+    peaks = [r["peak_rss_mb"] for s, r in report.items() if s in STEPS and r.get("peak_rss_mb")]
+    report["peak_rss_gb"] = round(max(peaks) / 1024, 2) if peaks else None
+    report["total_minutes"] = round((time.perf_counter() - t0) / 60, 2)
+    report["complete"] = complete
+    report["targets"] = targets(report)
+    line = json.dumps(report, ensure_ascii=False)
+    out = Path(report["out"])
+    tmp = out / ".rehearse.json.tmp"
+    tmp.write_text(line + "\n")
+    os.replace(tmp, out / "rehearse.json")
+    return line
+
+
 def run(args) -> int:
     out = Path(args.out).resolve()
     args.out = str(out)
@@ -680,8 +705,7 @@ def run(args) -> int:
             torch.set_num_threads(args.threads)
         rec = {"build": step_build, "check": step_check}[args.step](args, out)
         rec["peak_rss_mb_inside"] = round(_peak_rss_mb(), 1)
-        paths(out)["steps"].mkdir(parents=True, exist_ok=True)
-        (paths(out)["steps"] / f"{args.step}.json").write_text(json.dumps(rec, indent=2))
+        _save_step(out, args.step, rec)
         return 0
     wanted = [s for s in args.steps.split(",") if s]
     unknown = sorted(set(wanted) - set(STEPS))
@@ -693,6 +717,7 @@ def run(args) -> int:
     env, t0 = _env(args), time.perf_counter()
     report: dict = {
         "bench": "rehearse",
+        "out": str(out),
         "shape": model_config(args).name,
         "device": args.device,
         "dtype": args.dtype,
@@ -703,14 +728,17 @@ def run(args) -> int:
         "new_tokens": args.new_tokens,
         "lora_rank": args.lora_rank,
     }
+    if "build" not in wanted and (steps_dir / "build.json").is_file():  # a folder built by an earlier run
+        report["build"] = {"reused": True, **json.loads((steps_dir / "build.json").read_text())}
+    started = time.time()
     for step in wanted:
         print(f"rehearse: {step} ...", flush=True)
         if step in ("build", "check"):
             rec = child(_own_argv(args, step), steps_dir / f"{step}.log", timeout=3600, env=env)
             result = steps_dir / f"{step}.json"
-            if rec["rc"] == 0 and result.is_file():
+            if result.is_file() and result.stat().st_mtime >= started:  # what it measured, even if it failed
                 rec.update(json.loads(result.read_text()))
-            else:
+            if rec["rc"] != 0:
                 rec["error"] = (steps_dir / f"{step}.log").read_text()[-2000:]
         elif step == "serve":
             try:
@@ -720,16 +748,12 @@ def run(args) -> int:
         else:
             rec = train_step(args, out, step.removeprefix("train_"), env)
         report[step] = rec
+        finish(report, t0, complete=False)
         print(
             f"rehearse: {step}: rc={rec.get('rc')} {rec.get('seconds')} s, peak RSS {rec.get('peak_rss_mb')} MB",
             flush=True,
         )
-    peaks = [r["peak_rss_mb"] for s, r in report.items() if s in STEPS and r.get("peak_rss_mb")]
-    report["peak_rss_gb"] = round(max(peaks) / 1024, 2) if peaks else None
-    report["total_minutes"] = round((time.perf_counter() - t0) / 60, 2)
-    report["targets"] = targets(report)
-    line = json.dumps(report, ensure_ascii=False)
-    (out / "rehearse.json").write_text(line + "\n")
+    line = finish(report, t0, complete=True)
     print(line, flush=True)
     failed = [s for s in wanted if report[s].get("rc") not in (0, None) or "error" in report[s]]
     return 1 if failed else 0
