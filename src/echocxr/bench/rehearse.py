@@ -410,6 +410,8 @@ def ratios(speed: dict) -> dict:
         return round(a / b, 3) if a and b else None
 
     big = max((v["batch_size"] for v in speed.values()), default=1)
+    if big == 1:  # no large batch ran: its ratios are missing, not 1
+        big = None
     return {
         "large_batch": big,
         "ar_vs_hf_generate_b1": div(tps("ar_batch1"), tps("hf_generate_batch1")),
