@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One-command GPU check (issue #15 item 5): Qwen2.5-VL-7B-shape decode speed (transformers generate,
+# One-command GPU check (issue #15 item 5; the decode half of `echocxr bench rehearse`, issue #21, on a GPU):
+# Qwen2.5-VL-7B-shape logits vs transformers, memory floor, decode speed (transformers generate,
 # our AR engine, our fused one-step decoder at batch 1/8/32), RAD vs symmetric step time, and an FSDP2
 # smoke step, written to one JSON file: $OUT/gpu_check.json (or --out DIR). About 8 minutes on one
 # H100/H200; every section has its own time limit and the JSON is rewritten after each one.

@@ -46,6 +46,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
         "echocxr.bench.generate",
         "archive throughput: 1 process vs torchrun ranks, merge share, 100k-study estimate (JSON line)",
     ),
+    ("bench", "rehearse"): (
+        "echocxr.bench.rehearse",
+        "a user's 7B run end to end with random weights: build, load, logits, speed, LoRA steps, serve",
+    ),
     ("serve",): ("echocxr.serve.cli", "serve reports over HTTP: OpenAI-compatible API, web page, batching"),
     ("run",): ("echocxr.pipeline", "the whole chain for a preset: corpus -> AR -> RAD -> DCD -> eval"),
     ("demo",): ("echocxr.pipeline", "end-to-end demo on CPU with the tiny preset"),

@@ -5,9 +5,14 @@ is rewritten after every section, so a failure or a kill leaves the finished one
 
 - `decode_model`: build the Qwen2.5-VL-7B shape (preset `qwen2.5-vl-7b`) with random bf16 weights
   directly on the GPU, one 672 px noise image per row.
+- `logits`: our forward against transformers' on the same weights, one study's prompt and 16
+  response tokens: top-1 agreement, max/mean abs difference (`bench.rehearse.logits_check`).
+- `memory_floor`: the device's copy bandwidth and the weight bytes a decode forward reads
+  (`bench.rehearse`): the ms per forward no decoder can beat at batch 1.
 - `hf_generate`: transformers' `generate` on the same weights (our `EchoVLM.hf` is the
   transformers model built from our config), batch 1, greedy, `min_new_tokens` = `max_new_tokens`
-  = 256 forced new tokens: tokens/s end to end (prefill included; one untimed warm-up call).
+  = 256 forced new tokens: tokens/s, prefill and ms per forward (`bench.rehearse.hf_generate_speed`,
+  after one untimed warm-up call).
 - `engine_ar`: our AR engine (`decode.engine.Engine`, CUDA-graph step), batch 1, 256 forced tokens
   (EOS ignored): tokens/s, ms per forward, peak memory (`bench.decode.measure`).
 - `engine_onestep`: our one-step decoder, fused block KV cache, block 8, batch 1, 8 and 32.
@@ -18,7 +23,8 @@ is rewritten after every section, so a failure or a kill leaves the finished one
   process, the Stage-1 AR loss on two studies, 4 decoder layers of the 7B width (a whole 7B with
   AdamW states would not fit one GPU unsharded), two AdamW steps (one in --smoke).
 
-`--smoke` runs the same sections with the `tiny` preset on the CPU (16 new tokens, batches 1 and 2,
+The measuring functions are `echocxr bench rehearse`'s (the 7B rehearsal on a CPU box), so this
+run is that rehearsal's decode half on a GPU. `--smoke` runs the same sections with the `tiny` preset on the CPU (16 new tokens, batches 1 and 2,
 V = 64, R = 32, dense attention, gloo): CI checks the JSON fields (tests/test_gpu_check.py). It
 installs nothing and needs no network.
 """
@@ -38,7 +44,17 @@ import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-SECTIONS = ("decode_model", "hf_generate", "engine_ar", "engine_onestep", "rad_vs_symmetric", "fsdp_smoke")
+SECTIONS = (
+    "decode_model",
+    "logits",
+    "memory_floor",
+    "hf_generate",
+    "engine_ar",
+    "engine_onestep",
+    "rad_vs_symmetric",
+    "fsdp_smoke",
+)
+MODEL_SECTIONS = ("logits", "memory_floor", "hf_generate", "engine_ar", "engine_onestep")
 
 
 @dataclass(frozen=True)
@@ -73,6 +89,8 @@ GPU = Plan(
     fsdp_steps=2,  # the second step's time is without first-call set-up
     limits={
         "decode_model": 50,
+        "logits": 30,
+        "memory_floor": 20,
         "hf_generate": 50,
         "engine_ar": 50,
         "engine_onestep": 80,
@@ -225,49 +243,37 @@ class Check:
         examples = [Example(_images(1, model.config.image_size, i), "en") for i in range(rows)]
         return collate(examples, tok, proc, model.config.image_tokens).to(self.plan.device)
 
-    def hf_generate(self) -> dict:
-        import torch
+    def logits(self) -> dict:
+        from echocxr.bench.rehearse import logits_check
 
-        model, n = self.state["model"], self.plan.new_tokens
-        batch = self._batch(1)
-        ids = batch.prompt_ids
-        kw = dict(
-            input_ids=ids,
-            attention_mask=batch.prompt_valid.long(),
-            pixel_values=batch.pixel_values,
-            image_grid_thw=batch.grid_thw,
-            do_sample=False,
-            pad_token_id=model.special.pad,
-        )
+        return logits_check(self.state["model"], self.state["tok"], self.state["proc"], 16)
 
-        def gen(k: int):
-            with torch.no_grad():
-                try:  # transformers 5 takes the image slots as mm_token_type_ids
-                    return model.hf.generate(
-                        mm_token_type_ids=(ids == model.special.image).int(),
-                        max_new_tokens=k,
-                        min_new_tokens=k,
-                        **kw,
-                    )
-                except (TypeError, ValueError):  # older: derived from input_ids
-                    return model.hf.generate(max_new_tokens=k, min_new_tokens=k, **kw)
+    def memory_floor(self) -> dict:
+        from echocxr.bench.rehearse import copy_bandwidth_gb_s, decode_weight_bytes
 
-        gen(4)  # warm-up
-        _reset_peak(self.plan.device)
-        sync = torch.cuda.synchronize if self.plan.device == "cuda" else (lambda: None)
-        sync()
-        t0 = time.perf_counter()
-        out = gen(n)
-        sync()
-        s = time.perf_counter() - t0
-        made = out.shape[1] - ids.shape[1]
+        bw, nbytes = copy_bandwidth_gb_s(self.plan.device), decode_weight_bytes(self.state["model"])
+        self.state["floor_ms"] = nbytes / (bw * 1e9) * 1e3
         return {
-            "batch_size": 1,
-            "prompt_len": ids.shape[1],
-            "tokens": made,
-            "e2e_s": round(s, 4),
-            "tokens_per_s_e2e": round(made / s, 2),
-            "ms_per_token": round(s * 1e3 / made, 3),
+            "copy_gb_per_s": round(bw, 2),
+            "weight_bytes_per_forward": nbytes,
+            "floor_ms_per_forward": round(self.state["floor_ms"], 3),
+        }
+
+    def hf_generate(self) -> dict:
+        from echocxr.bench.rehearse import hf_generate_speed
+
+        batch = self._batch(1)
+        hf_generate_speed(self.state["model"], batch, 4)  # warm-up
+        _reset_peak(self.plan.device)
+        rec = hf_generate_speed(self.state["model"], batch, self.plan.new_tokens)
+        return {"batch_size": 1, "prompt_len": batch.prompt_ids.shape[1], **rec, **self._floor(rec)}
+
+    def _floor(self, rec: dict) -> dict:
+        floor = self.state.get("floor_ms")
+        if not floor or not rec.get("ms_per_forward"):
+            return {"peak_mem_mb": _peak_mb(self.plan.device)}
+        return {
+            "ms_per_forward_vs_floor": round(rec["ms_per_forward"] / floor, 3),
             "peak_mem_mb": _peak_mb(self.plan.device),
         }
 
@@ -283,9 +289,9 @@ class Check:
         return self.state["engine"]
 
     def _measure(self, cfg, rows: int) -> dict:
-        from echocxr.bench.decode import measure
+        from echocxr.bench.rehearse import engine_speed
 
-        m = measure(self._engine(), self._batch(rows), cfg, warmup=1, repeats=2)
+        m = engine_speed(self._engine(), self._batch(rows), cfg, warmup=1, repeats=2)
         keep = (
             "tokens",
             "forwards",
@@ -298,7 +304,7 @@ class Check:
             "mode",
             "kv_allocations",
         )
-        return {"batch_size": rows, **{k: m[k] for k in keep}, "peak_mem_mb": _peak_mb(self.plan.device)}
+        return {"batch_size": rows, **{k: m[k] for k in keep}, **self._floor(m)}
 
     def engine_ar(self) -> dict:
         from echocxr.decode.config import DecodeConfig
@@ -456,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in SECTIONS:
         if name not in wanted:
             continue
-        needs_model = name in ("hf_generate", "engine_ar", "engine_onestep")
+        needs_model = name in MODEL_SECTIONS
         if needs_model and "model" not in check.state:
             check.report["sections"][name] = {"status": "skipped: the decode model was not built"}
             check.save()

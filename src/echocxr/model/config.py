@@ -62,6 +62,37 @@ class ModelConfig:
         known = set(ModelConfig.__dataclass_fields__)
         return ModelConfig(**{k: v for k, v in d.items() if k in known})
 
+    @staticmethod
+    def from_hf(hf_config, name: str, image_size: int, max_response_tokens: int = 512) -> ModelConfig:
+        """The shape of a plain Qwen2.5-VL folder (no echocxr.json, e.g. Lingshu-7B) from its
+        transformers config; image_size: the square side its image processor produces."""
+        t, v = hf_config.text_config, hf_config.vision_config
+        rope = getattr(t, "rope_parameters", None) or getattr(t, "rope_scaling", None) or {}
+        return ModelConfig(
+            name=name,
+            vocab_size=t.vocab_size,
+            hidden_size=t.hidden_size,
+            intermediate_size=t.intermediate_size,
+            num_layers=t.num_hidden_layers,
+            num_heads=t.num_attention_heads,
+            num_kv_heads=t.num_key_value_heads,
+            rope_theta=float(rope.get("rope_theta", getattr(t, "rope_theta", 1e6))),
+            mrope_section=tuple(rope["mrope_section"]),
+            rms_norm_eps=t.rms_norm_eps,
+            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            vision_depth=v.depth,
+            vision_hidden_size=v.hidden_size,
+            vision_heads=v.num_heads,
+            vision_intermediate_size=v.intermediate_size,
+            patch_size=v.patch_size,
+            spatial_merge_size=v.spatial_merge_size,
+            temporal_patch_size=v.temporal_patch_size,
+            window_size=v.window_size,
+            fullatt_block_indexes=tuple(v.fullatt_block_indexes),
+            image_size=image_size,
+            max_response_tokens=max_response_tokens,
+        )
+
 
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(

@@ -55,6 +55,14 @@ def image_tokens(processor, side: int) -> int:
     return int(grid[0].prod()) // int(processor.merge_size) ** 2
 
 
+def processed_side(processor, side: int) -> int:
+    """The square side (pixels) the processor resizes a side x side image to (its pixel limits)."""
+    from PIL import Image
+
+    _, grid = preprocess(processor, [Image.new("L", (side, side))])
+    return int(grid[0, 1]) * int(processor.patch_size)
+
+
 def load_image_processor(path: Path, cfg=None):
     """The checkpoint's own processor (its preprocessor_config.json, e.g. a real Qwen2.5-VL
     checkpoint's min/max pixels) or, without one, the preset's fixed-size processor.

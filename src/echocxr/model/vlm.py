@@ -377,7 +377,7 @@ class EchoVLM(nn.Module):
         the shift by definition."""
         from transformers import AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-        from echocxr.model.image_processing import load_image_processor
+        from echocxr.model.image_processing import REAL_IMAGE_SIZE, load_image_processor, processed_side
         from echocxr.model.tokenizer import ensure_mask_token, special_ids
 
         path = Path(path)
@@ -397,7 +397,7 @@ class EchoVLM(nn.Module):
                 raise UserError(f"{path / ECHO_CONFIG}: not valid JSON ({e})") from None
             check_checkpoint(meta, path)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        added = ensure_mask_token(tokenizer)
+        ensure_mask_token(tokenizer)
         hf_cfg._attn_implementation = "sdpa"
         try:
             hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(
@@ -405,9 +405,16 @@ class EchoVLM(nn.Module):
             )
         except (OSError, ValueError, RuntimeError) as e:
             raise UserError(f"{path}: cannot load the weights ({e})") from None
-        if added or hf.get_input_embeddings().num_embeddings < len(tokenizer):
+        # grown only: a padded vocabulary (Qwen2.5-VL: 152064 rows for 151665 ids) has a row for
+        # the mask token already, and shrinking it would copy the embedding and head (2.2 GB at 7B)
+        if hf.get_input_embeddings().num_embeddings < len(tokenizer):
             hf.resize_token_embeddings(len(tokenizer))
-        cfg = ModelConfig.from_dict(meta["model"]) if meta.get("model") else None
+        if meta.get("model"):
+            cfg = ModelConfig.from_dict(meta["model"])
+            processor = load_image_processor(path, cfg)
+        else:  # a plain folder: its own shape, at the side its processor makes of a REAL_IMAGE_SIZE square
+            processor = load_image_processor(path)
+            side = processed_side(processor, REAL_IMAGE_SIZE)
+            cfg = ModelConfig.from_hf(hf.config, path.name, side)
         model = cls(hf.to(device), special_ids(tokenizer), cfg)
-        processor = load_image_processor(path, cfg)
         return model, tokenizer, processor, meta

@@ -680,7 +680,7 @@ def add_stage_arguments(parser) -> None:
 
 
 def build_stage(args, model: EchoVLM, tokenizer, processor) -> DCDStage:
-    import copy
+    from echocxr.train.lora import dcd_teacher
 
     meta_block = None
     init = getattr(args, "init", None)
@@ -714,9 +714,9 @@ def build_stage(args, model: EchoVLM, tokenizer, processor) -> DCDStage:
         return DCDStage(cfg, tokenizer, processor, lambda r: [], None, getattr(args, "steps", None))
     if args.teacher:
         teacher, *_ = EchoVLM.from_pretrained(args.teacher)
-    else:  # the student starts as the teacher; keep a frozen copy to decode from
-        teacher = copy.deepcopy(model)
-    teacher.eval().requires_grad_(False)
+        teacher.eval().requires_grad_(False)
+    else:  # the student starts as the teacher: a frozen copy, or with LoRA the student, adapters off
+        teacher = dcd_teacher(model, getattr(args, "lora_rank", 0))
 
     def distill_set(round_idx: int) -> list:
         return distill_examples(
