@@ -118,7 +118,7 @@ def test_rerun_of_a_finished_run_changes_nothing_and_other_settings_are_refused(
     assert (single / "reports.jsonl").read_text() == before
     capsys.readouterr()
     assert main(_args(ckpt, archive[0], single, "--decoder", "ar")) == 2
-    assert "holds reports from other settings (decode differ)" in capsys.readouterr().err
+    assert "holds outputs of other settings (decode differ)" in capsys.readouterr().err
 
 
 def test_sr_out_needs_dicom_sources(ckpt, manifest, tmp_path, capsys):

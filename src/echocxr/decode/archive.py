@@ -237,7 +237,7 @@ def check_settings(path: Path, fingerprint: dict) -> None:
         if old != fingerprint:
             diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
             raise UserError(
-                f"{path.parent} holds reports from other settings ({', '.join(diff)} differ); "
+                f"{path.parent} holds outputs of other settings ({', '.join(diff)} differ); "
                 "choose another --out or delete it"
             )
     else:

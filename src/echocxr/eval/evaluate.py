@@ -31,15 +31,14 @@ over batches. With --batch-size 1 both are exact per study.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from echocxr.decode.archive import check_settings, weights_digest, write_atomic  # shared with generate
 from echocxr.decode.config import DecodeConfig  # the decoding defaults
 from echocxr.errors import UserError
 
@@ -107,31 +106,14 @@ class EvalConfig:
             d.pop(k)
         d["ckpt"] = str(Path(self.ckpt).resolve())
         d["corpus"] = str(Path(self.corpus).resolve())
-        d["ckpt_weights"] = _weights_digest(Path(self.ckpt))
+        d["ckpt_weights"] = weights_digest(Path(self.ckpt))
         if self.image_source == "shuffled":
             d["limit"] = self.limit  # the derangement runs over the evaluated studies
         return d
 
 
-def _weights_digest(ckpt: Path) -> str:
-    """Names, sizes and mtimes of the weight files: a retrained checkpoint in the same folder differs."""
-    h = hashlib.sha1()
-    for p in sorted(ckpt.glob("*.safetensors")):
-        st = p.stat()
-        h.update(f"{p.name}:{st.st_size}:{int(st.st_mtime)}".encode())
-    return h.hexdigest()[:16]
-
-
 # ----------------------------------------------------------------------------------------------
 # Files
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def read_samples(path: Path) -> list[dict]:
@@ -157,20 +139,8 @@ def read_samples(path: Path) -> list[dict]:
 
 
 def _check_settings(out: Path, fingerprint: dict) -> None:
-    path = out / SETTINGS
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            raise UserError(f"{path}: unreadable settings; delete {out} or choose another --out") from None
-        if old != fingerprint:
-            diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-            raise UserError(
-                f"{out} holds samples from other settings ({', '.join(diff)} differ); "
-                "choose another --out or delete it"
-            )
-    else:
-        _write_atomic(path, json.dumps(fingerprint, indent=2) + "\n")
+    """Write out/settings.json, or check that the one there matches (resume)."""
+    check_settings(out / SETTINGS, fingerprint)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -683,7 +653,7 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict | None:
     done = log.collect()
     samples = [done[r.record_id] for r in records]
     table = score(samples, cfg.metrics, bootstrap=cfg.bootstrap, seed=cfg.seed)
-    _write_atomic(samples_path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+    write_atomic(samples_path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
     aggregate = {
         "decoder_label": decoder_label(dcfg),
         "decode": asdict(dcfg),
@@ -697,8 +667,8 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict | None:
         "date": time.strftime("%Y-%m-%d"),
         "command": "echocxr eval " + " ".join(cli_args(cfg)),
     }
-    _write_atomic(out / AGGREGATE_JSON, json.dumps(aggregate, indent=2, ensure_ascii=False) + "\n")
-    _write_atomic(out / AGGREGATE_MD, markdown_table(aggregate))
+    write_atomic(out / AGGREGATE_JSON, json.dumps(aggregate, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(out / AGGREGATE_MD, markdown_table(aggregate))
     log.remove_parts()
     archive.leave(d)
     return aggregate
